@@ -40,9 +40,10 @@ def algorithms() -> dict[str, Any]:
 
     made = {name: getattr(A, name)() for name in A.__all__ if name not in ("Algorithm", "LocalTrainer")}
     made["FedALA"] = A.FedALA(max_start_epochs=5)
+    made["FLoRA-ranks"] = A.FLoRA(ranks=[8, 4, 2])  # heterogeneous clients: ranks 8, 4, 2, 8, 4, 2, ...
     order = ["Local", "Centralized", "FedAvg", "FedProx", "SCAFFOLD", "FedNova", "FedAvgM", "FedAdam", "FedYogi",
              "FedAdagrad", "MOON", "APFL", "APPLE", "FedALA", "Ditto", "FedPer", "FedRep", "EPFL", "FedSALoRA",
-             "FFALoRA", "FLoRA"]
+             "FFALoRA", "FLoRA", "FLoRA-ranks"]
     missing = sorted(set(made) - set(order))
     return {name: made[name] for name in order + missing}
 

@@ -30,6 +30,9 @@ from fedhb.config import FederationArgs, OptimArgs
 from fedhb.data.partition import ClientSplit
 from fedhb.metrics import ClientScores, confusion_scores, score_logits
 
+#: How a state is packed for a collective: ``(name, shape, dtype)`` of each tensor, in order.
+Layout = list[tuple[str, torch.Size, torch.dtype]]
+
 # Lightning's all_gather goes through a torch function that warns on every call; the call itself is what we want.
 warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
 
@@ -117,10 +120,17 @@ class FederatedLoop:
         algorithm.setup(self.model_names, initial, self.num_clients)
         self._backup: State = {}
         self.pin_states = fabric.device.type == "cuda"
-        self.states: dict[int, State] = {c: algorithm.init_client_state(host_copy(initial, self.pin_states))
+        self.states: dict[int, State] = {c: algorithm.init_client_state(host_copy(initial, self.pin_states), c)
                                          for c in self.mine}
-        upload = algorithm.upload(initial)
-        self.upload_layout = [(k, v.shape, v.dtype) for k, v in upload.items()]
+        # Every rank unpacks every client's upload, so it needs each client's layout (FLoRA's clients may differ in
+        # LoRA rank): each rank reads its own clients' and shares them once. Equal layouts are one object, so each
+        # distinct one is pickled once.
+        distinct: dict[tuple[Any, ...], Layout] = {}
+        own = {}
+        for c in self.mine:
+            layout = [(k, v.shape, v.dtype) for k, v in algorithm.upload(self.states[c]).items()]
+            own[c] = distinct.setdefault(tuple(layout), layout)
+        self.upload_layouts: dict[int, Layout] = self._from_every_rank(own)
         # Round in which each client last received the global model (all ranks track every client).
         self.synced = np.zeros(self.num_clients, dtype=np.int64)
         self.last_aggregation = 0
@@ -135,6 +145,15 @@ class FederatedLoop:
     def client_module(self) -> ClientModule:
         m = self.module
         return m.module if hasattr(m, "module") and isinstance(m.module, ClientModule) else m
+
+    def _from_every_rank(self, own: dict[int, Any]) -> dict[int, Any]:
+        """The union of every rank's ``own`` (picklable objects, one broadcast per rank; for set-up only)."""
+        if self.fabric.world_size == 1:
+            return dict(own)
+        union: dict[int, Any] = {}
+        for r in range(self.fabric.world_size):
+            union.update(self.fabric.broadcast(own if r == self.fabric.global_rank else None, src=r))
+        return union
 
     # -- selection ------------------------------------------------------------------------------------------------
     def select(self, rnd: int) -> list[int]:
@@ -152,9 +171,8 @@ class FederatedLoop:
             yield {k: self.fabric.to_device(v[rows]) for k, v in self.tensors.items()}
 
     def load(self, state: State) -> None:
-        model = {k: state[k] for k in self.model_names}
-        self.client_module.set_state(model)
-        self.algorithm.on_load(self.client_module, model)
+        self.client_module.set_state({k: state[k] for k in self.model_names})
+        self.algorithm.on_load(self.client_module, state)
 
     def train_client(self, cid: int, rnd: int) -> tuple[float, int, str | None]:
         """Local training of client ``cid`` by the algorithm's ``local_update``; returns (mean loss, local steps,
@@ -236,32 +254,33 @@ class FederatedLoop:
         """
         if self.fabric.world_size == 1:
             return {c: uploads[c] for c in clients}
-        return self.gather_states(clients, uploads, self.upload_layout)
+        return self.gather_states(clients, uploads, self.upload_layouts)
 
     def gather_states(self, clients: list[int], local: dict[int, State],
-                      layout: list[tuple[str, torch.Size, torch.dtype]]) -> dict[int, State]:
-        """Every rank's ``{client: state}`` for ``clients``, all laid out as ``layout``.
+                      layouts: Mapping[int, Layout]) -> dict[int, State]:
+        """Every rank's ``{client: state}`` for ``clients``, client ``c``'s laid out as ``layouts[c]``.
 
-        Each state is packed into its row of one block, all-gathered once and unpacked as views of the gathered block,
-        so the result holds each state once. The block is float32 when every tensor is float32 or narrower (bit-exact)
-        and float64 otherwise.
+        Each state is packed into its row of one block (as wide as the largest), all-gathered once and unpacked as
+        views of the gathered block, so the result holds each state once. The block is float32 when every tensor is
+        float32 or narrower (bit-exact) and float64 otherwise.
         """
-        width = sum(math.prod(shape) for _, shape, _ in layout)
+        width = max((sum(math.prod(shape) for _, shape, _ in layouts[c]) for c in clients), default=0)
         if width == 0:
             return {c: {} for c in clients}
-        narrow = all(dtype in (torch.float32, torch.bfloat16, torch.float16) for _, _, dtype in layout)
+        narrow = all(dtype in (torch.float32, torch.bfloat16, torch.float16) for c in clients for _, _, dtype in
+                     layouts[c])
         carrier = torch.float32 if narrow else torch.float64
         per_rank, block = self._row_block(clients, width, carrier)
         for j, c in enumerate(per_rank[self.fabric.global_rank]):
             offset = 0
-            for k, shape, _ in layout:
+            for k, shape, _ in layouts[c]:
                 n = math.prod(shape)
                 block[j, offset:offset + n] = local[c][k].detach().reshape(-1)
                 offset += n
         out: dict[int, State] = {}
         for c, row in self._gather_block(per_rank, block).items():
             parts, offset = {}, 0
-            for k, shape, dtype in layout:
+            for k, shape, dtype in layouts[c]:
                 n = math.prod(shape)
                 part = row[offset:offset + n].view(shape)
                 parts[k] = part if dtype == carrier else part.to(dtype)
@@ -303,7 +322,7 @@ class FederatedLoop:
             stale = glob is not None and self.synced[cid] < self.last_aggregation
             if stale:
                 assert glob is not None
-                sync_bytes += state_bytes(glob)  # counted on every rank: the sync is deterministic
+                sync_bytes += self.algorithm.download_bytes(glob, catch_up=True)  # on every rank: deterministic
             if self.owner[cid] != self.fabric.global_rank:
                 continue
             if stale and glob is not None:
@@ -317,7 +336,7 @@ class FederatedLoop:
             if failure is None:
                 uploads[cid] = self.algorithm.upload(self.states[cid])
             else:
-                uploads[cid] = {k: torch.zeros(shape, dtype=dtype) for k, shape, dtype in self.upload_layout}
+                uploads[cid] = {k: torch.zeros(shape, dtype=dtype) for k, shape, dtype in self.upload_layouts[cid]}
         info = self.gather_rows(reporting, losses, 3)
         failed: dict[int, str] = {}
         for c in reporting:
@@ -353,7 +372,7 @@ class FederatedLoop:
             self.synced[cid] = rnd
             if cid in self.states:
                 store(self.states[cid], state, self.pin_states)
-        bytes_down = sum(state_bytes(s) for s in received.values()) + sync_bytes
+        bytes_down = sum(self.algorithm.download_bytes(s) for s in received.values()) + sync_bytes
         self.bytes_total += bytes_up + bytes_down
         # Clients without training samples (Centralized pools all data on one) did not train: no loss to average.
         trained = [c for c in ok if self.num_train[c] > 0]
@@ -510,7 +529,8 @@ class FederatedLoop:
         layout_src = self.fabric.broadcast([(k, tuple(v.shape), v.dtype) for k, v in template.items()]
                                           if template is not None and self.fabric.global_rank == 0 else None, src=0)
         layout = [(k, torch.Size(s), d) for k, s, d in layout_src]
-        return self.gather_states(list(range(self.num_clients)), self.states, layout)
+        return self.gather_states(list(range(self.num_clients)), self.states, dict.fromkeys(range(self.num_clients),
+                                                                                             layout))
 
 
 def confusion_matrix(logits: Tensor, labels: Tensor, task: str, num_classes: int) -> Tensor:

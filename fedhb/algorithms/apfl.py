@@ -41,7 +41,7 @@ class APFL(FedAvg):
         super().__init__()
         self.alpha, self.adapt_alpha, self.alpha_lr = alpha, adapt_alpha, alpha_lr
 
-    def init_client_state(self, state: State) -> State:
+    def init_client_state(self, state: State, client: int) -> State:
         state.update({V + k: v.clone() for k, v in list(state.items()) if not k.startswith("algo/")})
         state[ALPHA] = torch.tensor(float(self.alpha), dtype=torch.float64)
         return state

@@ -57,7 +57,7 @@ class APPLE(Algorithm):
         if num_clients is None:
             raise ValueError("APPLE needs the number of clients in setup()")
 
-    def init_client_state(self, state: State) -> State:
+    def init_client_state(self, state: State, client: int) -> State:
         n = self.num_clients or 1
         model = [k for k in state if not k.startswith("algo/")]
         for j in range(n):

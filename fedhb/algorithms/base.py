@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from fedhb.algorithms._ops import State
+from fedhb.algorithms._ops import State, state_bytes
 
 if TYPE_CHECKING:
     from fedhb.algorithms.trainer import LocalTrainer
@@ -76,9 +76,17 @@ class Algorithm:
         missed rounds load it before they train."""
         return None
 
+    def download_bytes(self, state: State, catch_up: bool = False) -> int:
+        """Bytes a client downloads to receive ``state``: what :meth:`aggregate` returned for it or, with
+        ``catch_up``, the :meth:`global_state` a client that missed rounds syncs to. Default: the tensors' size.
+        Methods whose clients rebuild what they receive from something smaller (FLoRA's stacked factors) override it.
+        """
+        return state_bytes(state)
+
     # -- local training hooks ------------------------------------------------------------------------------------
-    def init_client_state(self, state: State) -> State:
-        """Add the algorithm's per-client tensors to a fresh client's state."""
+    def init_client_state(self, state: State, client: int) -> State:
+        """Add the algorithm's per-client tensors to client ``client``'s fresh state (a copy of the initial model's
+        trainable tensors) and return it."""
         return state
 
     def local_update(self, trainer: LocalTrainer, state: State) -> None:
@@ -94,8 +102,9 @@ class Algorithm:
         return state
 
     def on_load(self, module: ClientModule, state: State) -> None:
-        """After a client's (or the global) model tensors were copied into the module: sync any non-trainable part
-        the algorithm keeps (FLoRA's merged base weights)."""
+        """After the model tensors of ``state`` were copied into the module: sync any part of the module the
+        algorithm keeps itself (FLoRA's merged base weights, a client's LoRA rank). ``state`` is what was loaded: a
+        client's state with its ``algo/...`` tensors, its :meth:`personalized_model`, or the global model."""
 
     def on_train_start(self, module: ClientModule, state: State) -> None:
         """Before a client's local training; ``state`` is its full state (model tensors already loaded)."""

@@ -38,7 +38,7 @@ class Ditto(FedAvg):
         super().__init__()
         self.lam, self.personal_epochs = lam, personal_epochs
 
-    def init_client_state(self, state: State) -> State:
+    def init_client_state(self, state: State, client: int) -> State:
         state.update({PERSONAL + k: v.clone() for k, v in list(state.items()) if not k.startswith("algo/")})
         return state
 

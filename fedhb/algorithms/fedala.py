@@ -63,7 +63,7 @@ class FedALA(FedAvg):
         """The tensors aggregated adaptively: the last ``layers`` trainable ones."""
         return names[-self.layers:]
 
-    def init_client_state(self, state: State) -> State:
+    def init_client_state(self, state: State, client: int) -> State:
         model = [k for k in state if not k.startswith("algo/")]
         state.update({LOCAL + k: state[k].clone() for k in model})
         state.update({WEIGHT + k: torch.ones_like(state[k]) for k in self.adaptive(model)})

@@ -33,7 +33,7 @@ class FedNova(FedAvg):
         if self._global is None:
             self._global = {k: v.clone() for k, v in initial.items()}
 
-    def init_client_state(self, state: State) -> State:
+    def init_client_state(self, state: State, client: int) -> State:
         state[TAU] = torch.zeros((), dtype=torch.float64)
         return state
 

@@ -41,7 +41,7 @@ class MOON(FedAvg):
         super().__init__()
         self.mu, self.temperature = mu, temperature
 
-    def init_client_state(self, state: State) -> State:
+    def init_client_state(self, state: State, client: int) -> State:
         state.update({PREVIOUS + k: v.clone() for k, v in list(state.items()) if not k.startswith("algo/")})
         return state
 

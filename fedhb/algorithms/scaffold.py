@@ -22,7 +22,8 @@ class SCAFFOLD(Algorithm):
     number of clients in the federation; every uploading client receives ``x`` and ``c`` (both counted as bytes).
 
     Deliberate differences: control variates cover the trainable tensors (LoRA matrices and head) only; the correction
-    is added to the gradient before whatever optimizer ``--optim.name`` selects, while the paper analyses plain SGD
+    is added to the true gradient (after the fp16 loss scale is divided out, under ``--fabric.precision 16-mixed``)
+    before whatever optimizer ``--optim.name`` selects, while the paper analyses plain SGD
     (option II's ``(x - y) / (K lr)`` assumes it). Averages are uniform over the participating clients, as in the paper.
 
     Client state: ``algo/scaffold/c_i/*`` (own control variate), ``algo/scaffold/c/*`` (the server's, as last received)
@@ -51,7 +52,7 @@ class SCAFFOLD(Algorithm):
             self._x = {k: v.clone() for k, v in initial.items()}
             self._c = {k: torch.zeros_like(v) for k, v in initial.items()}
 
-    def init_client_state(self, state: State) -> State:
+    def init_client_state(self, state: State, client: int) -> State:
         model = [k for k in state if not k.startswith("algo/")]
         for prefix in (C_I, C, DC):
             state.update({prefix + k: torch.zeros_like(state[k]) for k in model})

@@ -165,6 +165,9 @@ class LocalTrainer:
                 value = value + extra
         self._check(value)
         self.fabric.backward(value)
+        # Under --fabric.precision 16-mixed the gradients are multiplied by the loss scale: divide it out first, so
+        # the hook sees (and corrects) true gradients; the scaler's step then does not divide again.
+        self.fabric.strategy.precision.unscale_gradients(getattr(self.optimizer, "optimizer", self.optimizer))
         self.algorithm.on_before_optimizer_step(self.client_module)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -6,10 +6,12 @@ The toy model's loss is ``mean_b sum_name 0.5 * ||p_name - x_b||^2``: the gradie
 from __future__ import annotations
 
 import contextlib
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
+from lightning.fabric.plugins import Precision
 from torch import Tensor, nn
 
 from fedhb.algorithms import Algorithm
@@ -38,6 +40,8 @@ class ToyModule(nn.Module):
 
 
 class ToyFabric:
+    strategy = SimpleNamespace(precision=Precision())  # full precision: unscale_gradients does nothing
+
     def to_device(self, t: Tensor) -> Tensor:
         return t
 
@@ -50,11 +54,16 @@ class ToyFabric:
 
 def toy_trainer(algorithm: Algorithm, params: dict[str, list[float]], data: list[float], *, lr: float = 0.5,
                 epochs: int = 1, batch_size: int = 64, client: int = 0, rnd: int = 1, rounds: int = 10,
-                optim: OptimArgs | None = None) -> tuple[LocalTrainer, ToyModule]:
+                optim: OptimArgs | None = None, fabric: Any = None) -> tuple[LocalTrainer, ToyModule]:
+    """A trainer over ``params`` and samples ``data``; with ``fabric`` (a real one), module and optimizer are set up
+    through it, so its precision plugin applies."""
     module = ToyModule(params)
-    optimizer = torch.optim.SGD(module.values, lr=lr)
+    optimizer: Any = torch.optim.SGD(module.values, lr=lr)
+    wrapped: Any = module
+    if fabric is not None:
+        wrapped, optimizer = fabric.setup(module, optimizer)
     tensors = {"x": torch.tensor(data, dtype=torch.float32), "labels": torch.zeros(len(data), dtype=torch.long)}
-    trainer = LocalTrainer(ToyFabric(), module, module, optimizer, algorithm, tensors, np.arange(len(data)),
+    trainer = LocalTrainer(fabric or ToyFabric(), wrapped, module, optimizer, algorithm, tensors, np.arange(len(data)),
                            epochs=epochs, batch_size=batch_size, eval_batch_size=batch_size, lr=lr,
                            optim=optim or OptimArgs(name="sgd", lr=lr, schedule="constant", min_lr=0.0), seed=0,
                            round=rnd, rounds=rounds, client=client)

@@ -26,8 +26,9 @@ def _comparable(out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("make", [SCAFFOLD, FedAdam, APFL, APPLE, lambda: FedALA(max_start_epochs=2), FLoRA],
-                         ids=["SCAFFOLD", "FedAdam", "APFL", "APPLE", "FedALA", "FLoRA"])
+@pytest.mark.parametrize("make", [SCAFFOLD, FedAdam, APFL, APPLE, lambda: FedALA(max_start_epochs=2), FLoRA,
+                                  lambda: FLoRA(ranks=[8, 2])],
+                         ids=["SCAFFOLD", "FedAdam", "APFL", "APPLE", "FedALA", "FLoRA", "FLoRA-ranks"])
 def test_resuming_after_round_one_gives_the_uninterrupted_numbers(organamnist_root, tmp_path, make):
     out = tmp_path / "run"
     _fit(organamnist_root, out, make())

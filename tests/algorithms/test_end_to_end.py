@@ -43,13 +43,18 @@ NAMES = sorted(n for n in algorithms.__all__ if n not in ("Algorithm", "LocalTra
 
 
 def every_algorithm():
-    return [FedAvg(), Local(), EPFL(lam=0.3, layers="second_half", distance="cosine"), FedProx(mu=0.1),
+    """``{label: algorithm}``: every algorithm once under its name, and FLoRA once more with a LoRA rank per client."""
+    runs = [FedAvg(), Local(), EPFL(lam=0.3, layers="second_half", distance="cosine"), FedProx(mu=0.1),
             SCAFFOLD(), APFL(), APPLE(), FedALA(max_start_epochs=2), MOON(), FedNova(), FedAdam(), FedYogi(),
             FedAdagrad(), FedAvgM(), Ditto(), FedRep(), FedPer(), FedSALoRA(), FFALoRA(), FLoRA(), Centralized()]
+    return {**{type(a).__name__: a for a in runs}, "FLoRA-ranks": FLoRA(ranks=[8, 4, 2])}
+
+
+LABELS = list(every_algorithm())
 
 
 def test_the_list_covers_every_registered_algorithm():
-    assert sorted(type(a).__name__ for a in every_algorithm()) == NAMES
+    assert sorted({type(a).__name__ for a in every_algorithm().values()}) == NAMES
 
 
 def test_every_algorithm_is_selectable_by_name_with_its_options(organamnist_root, capsys):
@@ -78,9 +83,9 @@ def run_all(fabric, runs):
 
 def _runs(root: str, out: Path, world: int) -> list[_Run]:
     runs = []
-    for algorithm in every_algorithm():
+    for label, algorithm in every_algorithm().items():
         args = dict(
-            data=MedMNIST(root=root, fraction=0.3), algorithm=algorithm, out_dir=str(out / type(algorithm).__name__),
+            data=MedMNIST(root=root, fraction=0.3), algorithm=algorithm, out_dir=str(out / label),
             seed=3, partition=PartitionArgs(num_clients=4, alpha=0.5), model=ModelArgs(),
             # 3 of 4 clients per round: clients that sat out a round sync to the global state before training.
             # Centralized needs its pooled client in every round.
@@ -108,8 +113,8 @@ def test_every_algorithm_gives_the_same_numbers_on_one_and_two_processes(organam
     two = make_fabric(FabricArgs(accelerator="cpu", devices=2, strategy="ddp_spawn"))
     summaries = two.launch(run_all, _runs(organamnist_root, tmp_path / "two", 2))
 
-    assert [s["world_size"] for s in summaries] == [2] * len(NAMES)
-    for name in NAMES:
+    assert [s["world_size"] for s in summaries] == [2] * len(LABELS)
+    for name in LABELS:
         a, b = _records(tmp_path / "one" / name), _records(tmp_path / "two" / name)
         assert [r["round"] for r in a] == [r["round"] for r in b] == [2], name
         ra, rb = a[-1], b[-1]
@@ -122,5 +127,8 @@ def test_every_algorithm_gives_the_same_numbers_on_one_and_two_processes(organam
             else:
                 assert rb[key] == pytest.approx(ra[key], abs=1e-6), (name, key)
         assert ra["client_acc"] == pytest.approx(rb["client_acc"], abs=1e-6), name
-        has_global = getattr(algorithms, name).has_global_model
+        has_global = every_algorithm()[name].has_global_model
         assert (ra["global_acc"] is not None) == has_global, name
+    # Clients of rank 8, 4 and 2 upload less than clients all of rank 8.
+    assert _records(tmp_path / "one" / "FLoRA-ranks")[-1]["bytes_up"] < _records(tmp_path / "one" / "FLoRA")[-1][
+        "bytes_up"]

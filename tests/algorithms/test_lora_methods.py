@@ -102,6 +102,70 @@ def test_flora_aggregate_accumulates_the_sample_weighted_update_and_resets_adapt
     assert state_bytes(received[0]) == state_bytes(uploads[0])
 
 
+def test_flora_with_a_rank_per_client_by_hand():
+    # Prepare: the model's adapters have rank 2 on a 2x2 layer; client 0 uses rank 2, client 1 rank 1.
+    algo = FLoRA(ranks=[2, 1])
+    eye = m([1.0, 0.0], [0.0, 1.0])
+    algo.setup([A, B, HEAD], {A: eye, B: torch.zeros(2, 2), HEAD: m([0.0])}, 2)
+    states = {c: algo.init_client_state({A: eye.clone(), B: torch.zeros(2, 2), HEAD: m([0.0])}, c) for c in (0, 1)}
+    states[0].update({A: eye, B: eye, HEAD: m([2.0])})  # B_0 A_0 = I
+    states[1].update({A: m([1.0, 1.0], [0.0, 0.0]), B: m([1.0, 0.0], [0.0, 0.0]), HEAD: m([6.0])})  # [[1, 1], [0, 0]]
+
+    # Execute
+    uploads = {c: algo.upload(s) for c, s in states.items()}
+    received = algo.aggregate(uploads, {0: 1, 1: 3})
+
+    # Assert: client 1 sends its rank-1 factors only.
+    assert uploads[1][A].shape == (1, 2) and uploads[1][B].shape == (2, 1) and uploads[0][A].shape == (2, 2)
+    assert state_bytes(uploads[1]) == (2 + 2 + 1) * 4
+    # 0.25 * (2 / 2) * I + 0.75 * (2 / 1) * [[1, 1], [0, 0]]: each update at its client's scaling alpha / r_k.
+    expected = torch.tensor([[1.75, 1.5], [0.0, 0.25]], dtype=torch.float64)
+    torch.testing.assert_close(algo.merged_update("enc.q"), expected, rtol=0, atol=0)
+    # Each client restarts from the initial A cut to its rank, B = 0, and the averaged head (0.25 * 2 + 0.75 * 6).
+    assert torch.equal(received[0][A], eye) and torch.equal(received[1][A], m([1.0, 0.0], [0.0, 0.0]))
+    assert not received[1][B].any() and torch.equal(received[1][HEAD], m([5.0]))
+    # Download: the stacked factors ((4 + 4) + (2 + 2) floats) and the head; a client catching up gets the dense 2x2.
+    assert algo.download_bytes(received[1]) == (8 + 4) * 4 + 4
+    assert algo.download_bytes(algo.global_state(), catch_up=True) == 4 * 4 + 4
+    assert algo.hparams() == {"ranks": "2,1"}
+
+
+def test_flora_refuses_ranks_the_model_cannot_hold():
+    with pytest.raises(ValueError, match="--algorithm.ranks"):
+        FLoRA(ranks=[])
+    with pytest.raises(ValueError, match="--algorithm.ranks"):
+        FLoRA(ranks=[4, 0])
+    with pytest.raises(ValueError, match=r"--algorithm.ranks has rank 3 but --model.lora.r is 2.*--model.lora.r 3"):
+        FLoRA(ranks=[3, 1]).setup([A, B], {A: torch.zeros(2, 4), B: torch.zeros(4, 2)}, 2)
+
+
+def test_flora_on_load_gives_the_module_each_clients_rank_and_scaling(tiny_data):
+    # A real peft layer of rank 8 and alpha 16: client 1 of rank 2 runs at scaling 16 / 2 with the rest held at zero.
+    from fedhb.client import ClientModule
+    from fedhb.config import ModelArgs, OptimArgs
+    from fedhb.models import build_encoder
+
+    torch.manual_seed(0)
+    module = ClientModule(build_encoder(ModelArgs(), tiny_data), tiny_data.num_classes, tiny_data.task, OptimArgs())
+    initial = module.get_state()
+    algo = FLoRA(ranks=[8, 2])
+    algo.setup(list(initial), initial, 2)
+    layer = module.get_submodule(FLoRA.layer_of(next(n for n in initial if ".lora_A." in n)))
+    state = algo.init_client_state({k: v.clone() for k, v in initial.items()}, 1)
+    state.update({k: torch.ones_like(v) for k, v in state.items() if ".lora_" in k})  # e.g. a stale global sync
+
+    module.set_state({k: state[k] for k in initial})
+    algo.on_load(module, state)
+
+    assert layer.scaling["default"] == 8.0
+    assert layer.lora_A["default"].weight[:2].eq(1).all() and not layer.lora_A["default"].weight[2:].any()
+    assert layer.lora_B["default"].weight[:, :2].eq(1).all() and not layer.lora_B["default"].weight[:, 2:].any()
+    algo.on_load(module, algo.init_client_state({k: v.clone() for k, v in initial.items()}, 0))
+    assert layer.scaling["default"] == 2.0
+    algo.on_load(module, initial)  # the global model: the module's own scaling
+    assert layer.scaling["default"] == 2.0
+
+
 def test_flora_on_load_writes_the_update_into_the_frozen_weights(tiny_data):
     # A real peft layer: W0 + scaling * update must replace the base weight, once per aggregation, idempotently.
     from fedhb.client import ClientModule

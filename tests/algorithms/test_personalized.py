@@ -26,7 +26,7 @@ def _setup(algo, names=(W,), clients=4):
 def test_ditto_trains_the_global_copy_and_a_personal_model_pulled_toward_w_t():
     # Prepare: received w_t = 0, personal v = 4, data mean 2, lam 0.5, lr 0.5, one step each.
     algo = _setup(Ditto(lam=0.5))
-    state = algo.init_client_state({W: t(0.0)})
+    state = algo.init_client_state({W: t(0.0)}, 0)
     state["algo/ditto/v/" + W] = t(4.0)
     trainer, _ = toy_trainer(algo, {W: [0.0]}, [2.0])
 
@@ -44,7 +44,7 @@ def test_ditto_trains_the_global_copy_and_a_personal_model_pulled_toward_w_t():
 def test_apfl_step_by_hand():
     # Prepare: w = 0, v = 1, alpha = 0.5, data mean 2, lr = alpha_lr = 0.5, one step.
     algo = _setup(APFL(alpha=0.5, alpha_lr=0.5))
-    state = algo.init_client_state({W: t(0.0)})
+    state = algo.init_client_state({W: t(0.0)}, 0)
     state["algo/apfl/v/" + W] = t(1.0)
     trainer, _ = toy_trainer(algo, {W: [0.0]}, [2.0])
 
@@ -63,7 +63,7 @@ def test_apfl_step_by_hand():
 
 def test_apfl_with_alpha_fixed_at_zero_keeps_v_and_evaluates_w():
     algo = _setup(APFL(alpha=0.0, adapt_alpha=False))
-    state = algo.init_client_state({W: t(0.0)})
+    state = algo.init_client_state({W: t(0.0)}, 0)
     state["algo/apfl/v/" + W] = t(5.0)
     trainer, _ = toy_trainer(algo, {W: [0.0]}, [2.0, 4.0], epochs=2)
 
@@ -87,7 +87,7 @@ def test_apple_step_by_hand():
     # Prepare: 2 clients; client 0's own core 0, client 1's core 2; p = (0.5, 0.5); data mean 3; lr 0.5; dr_lr 1/8;
     # no proximal term.
     algo = _setup(APPLE(mu=0.0, dr_lr=0.125), clients=2)
-    state = algo.init_client_state({W: t(0.0)})
+    state = algo.init_client_state({W: t(0.0)}, 0)
     state["algo/apple/core/1/" + W] = t(2.0)
     trainer, _ = toy_trainer(algo, {W: [0.0]}, [3.0], client=0)
 
@@ -104,7 +104,7 @@ def test_apple_step_by_hand():
 
 def test_apple_proximal_term_pulls_p_toward_uniform_and_fades_by_cosine():
     algo = _setup(APPLE(mu=2.0, dr_lr=0.125, prox_rounds=0.2), clients=2)
-    state = algo.init_client_state({W: t(0.0)})
+    state = algo.init_client_state({W: t(0.0)}, 0)
     state["algo/apple/p"] = torch.tensor([1.0, 0.0], dtype=torch.float64)
     # Data mean equals the personalized model (0), so only the proximal term moves p.
     trainer, _ = toy_trainer(algo, {W: [0.0]}, [0.0], rnd=1, rounds=10, client=1)
@@ -129,7 +129,7 @@ def test_apple_clients_receive_every_other_participants_core():
 def test_apple_starts_uniform_with_every_core_at_the_initial_model():
     algo = _setup(APPLE(), clients=4)
 
-    state = algo.init_client_state({W: t(7.0)})
+    state = algo.init_client_state({W: t(7.0)}, 0)
 
     assert torch.equal(state["algo/apple/p"], torch.full((4,), 0.25, dtype=torch.float64))
     assert all(torch.equal(state[f"algo/apple/core/{j}/{W}"], t(7.0)) for j in range(4))
@@ -147,7 +147,7 @@ def test_ala_weight_step_clips_to_the_unit_interval():
 def test_fedala_learns_the_weights_then_trains_from_the_mixture():
     # Prepare: received global 2, local 0, W = 1, data mean 1, eta 0.25; the body tensor is not adaptive.
     algo = _setup(FedALA(layers=1, eta=0.25, rand_percent=100, num_pre_loss=2, threshold=0.1), names=(BODY, W))
-    state = algo.init_client_state({BODY: t(0.0), W: t(0.0)})
+    state = algo.init_client_state({BODY: t(0.0), W: t(0.0)}, 0)
     trainer, _ = toy_trainer(algo, {BODY: [5.0], W: [2.0]}, [1.0])
 
     # Execute
@@ -164,7 +164,7 @@ def test_fedala_learns_the_weights_then_trains_from_the_mixture():
 
 def test_fedala_skips_adaptive_aggregation_while_local_equals_global():
     algo = _setup(FedALA(layers=1))
-    state = algo.init_client_state({W: t(2.0)})
+    state = algo.init_client_state({W: t(2.0)}, 0)
     trainer, _ = toy_trainer(algo, {W: [2.0]}, [0.0])
 
     algo.local_update(trainer, state)
@@ -224,7 +224,7 @@ def test_model_contrastive_loss_by_hand():
 def test_moon_local_update_adds_the_contrastive_term_and_remembers_the_model():
     # Toy features are x * p: with p0 = (1, 0) and the previous model (0, 1) the cosines are known.
     algo = _setup(MOON(mu=1.0, temperature=1.0), names=(W,))
-    state = algo.init_client_state({W: t(1.0, 0.0)})
+    state = algo.init_client_state({W: t(1.0, 0.0)}, 0)
     state["algo/moon/prev/" + W] = t(0.0, 1.0)
     trainer, _ = toy_trainer(algo, {W: [1.0, 0.0]}, [1.0])
 

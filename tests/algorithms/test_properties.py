@@ -167,6 +167,38 @@ def test_flora_merges_the_sample_weighted_sum_of_the_clients_updates(make_loop):
         assert all(not state[k].any() for k in lora(flora.model_names, "B"))
 
 
+def test_a_flora_client_of_lower_rank_trains_as_a_model_of_that_rank(make_loop):
+    # Prepare: clients of rank 2 in a rank-8 model, and a rank-2 model with the same weights (A cut to its 2 rows).
+    from fedhb.config import LoRAArgs, ModelArgs
+
+    wide = make_loop(FLoRA(ranks=[2]), model=ModelArgs(lora=LoRAArgs(r=8, alpha=16.0)))
+    source = wide.client_module.state_dict()
+
+    def copy_wide(module):
+        own = module.state_dict()
+        module.load_state_dict({k: source[k][:2] if ".lora_A." in k else source[k][:, :2] if ".lora_B." in k
+                                else source[k] for k in own})
+
+    narrow = make_loop(FLoRA(), model=ModelArgs(lora=LoRAArgs(r=2, alpha=16.0)), init=copy_wide)
+
+    # Execute
+    wide_loss, narrow_loss = wide.run_round(1).train_loss, narrow.run_round(1).train_loss
+
+    # Assert: the same training, the same merged weights (alpha / 2 on both), the same head.
+    assert wide_loss == pytest.approx(narrow_loss, rel=1e-6)
+    wide.load(wide.states[0])
+    narrow.load(narrow.states[0])
+    merged = {k: v for k, v in wide.client_module.state_dict().items() if "base_layer" in k}
+    for k, v in narrow.client_module.state_dict().items():
+        if "base_layer" in k:
+            torch.testing.assert_close(merged[k], v, rtol=0, atol=1e-6, msg=k)
+    for k in narrow.model_names:
+        if ".lora_" not in k:
+            torch.testing.assert_close(wide.states[0][k], narrow.states[0][k], rtol=0, atol=1e-6, msg=k)
+    # Each client of rank 2 uploaded 2-row factors: a quarter of the rank-8 adapters' bytes, plus the same head.
+    assert wide.run_round(2).bytes_up == narrow.run_round(2).bytes_up
+
+
 def _plain_training(loop, index, rounds, seed_client=0):
     """SGD over ``index`` written out by hand, seeded like client ``seed_client`` of the loop."""
     module = loop.client_module
@@ -206,7 +238,7 @@ def test_centralized_equals_plain_training_on_the_pooled_data(make_loop, clients
 class _ClientZeroExplodes(FedAvg):
     """Rewrites its per-client counter; client 0 then diverges."""
 
-    def init_client_state(self, state):
+    def init_client_state(self, state, client):
         state["algo/count"] = torch.zeros(())
         return state
 

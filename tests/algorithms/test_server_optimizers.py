@@ -62,7 +62,7 @@ def test_scaffold_control_variate_is_option_two():
 def test_scaffold_local_update_corrects_gradients_and_updates_c_i():
     # Prepare: w = 0, data mean 1, server c = 0.25, own c_i = 0, lr 0.5, two steps (K = 2).
     algo = _setup(SCAFFOLD(), t(0.0))
-    state = algo.init_client_state({W: t(0.0)})
+    state = algo.init_client_state({W: t(0.0)}, 0)
     state["algo/scaffold/c/" + W] = t(0.25)
     trainer, _ = toy_trainer(algo, {W: [0.0]}, [1.0], epochs=2)
 
@@ -74,6 +74,27 @@ def test_scaffold_local_update_corrects_gradients_and_updates_c_i():
     # c_i+ = 0 - 0.25 + (0 - 0.5625) / (2 * 0.5) = -0.8125, uploaded as the change c_i+ - c_i.
     assert torch.equal(state["algo/scaffold/c_i/" + W], t(-0.8125))
     assert torch.equal(state["algo/scaffold/dc/" + W], t(-0.8125))
+
+
+def test_scaffold_corrects_the_true_gradient_under_an_fp16_loss_scale():
+    # Prepare: the case above, under 16-mixed precision whose GradScaler multiplies the loss (and gradients) by 1024.
+    from lightning import Fabric
+    from lightning.fabric.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=10**6)
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    algo = _setup(SCAFFOLD(), t(0.0))
+    state = algo.init_client_state({W: t(0.0)}, 0)
+    state["algo/scaffold/c/" + W] = t(0.25)
+    trainer, _ = toy_trainer(algo, {W: [0.0]}, [1.0], epochs=2, fabric=fabric)
+
+    # Execute
+    algo.local_update(trainer, state)
+
+    # Assert: the same steps as in full precision; adding c - c_i to scaled gradients would give 0.25 / 1024 instead.
+    assert scaler.get_scale() == 1024.0
+    assert torch.equal(trainer.read()[W], t(0.5625))
+    assert torch.equal(state["algo/scaffold/c_i/" + W], t(-0.8125))
 
 
 def test_scaffold_server_update_by_hand():
@@ -108,7 +129,7 @@ def test_scaffold_upload_layout_exists_before_any_training():
     algo = _setup(SCAFFOLD(), t(0.0, 0.0))
 
     bare = algo.upload({W: t(1.0, 2.0)})
-    full = algo.upload(algo.init_client_state({W: t(1.0, 2.0)}))
+    full = algo.upload(algo.init_client_state({W: t(1.0, 2.0)}, 0))
 
     assert list(bare) == list(full) == [W, "algo/scaffold/dc/" + W]
 
@@ -158,7 +179,7 @@ def test_fednova_with_equal_steps_is_fedavg():
 
 def test_fednova_local_update_reports_its_step_count():
     algo = _setup(FedNova(), t(0.0))
-    state = algo.init_client_state({W: t(0.0)})
+    state = algo.init_client_state({W: t(0.0)}, 0)
     trainer, _ = toy_trainer(algo, {W: [0.0]}, [1.0, 2.0, 3.0], epochs=2, batch_size=2)
 
     algo.local_update(trainer, state)

@@ -206,12 +206,20 @@ class _Run:
             raise ValueError(f"--resume {path}: the data now partitions differently than when the checkpoint was "
                              "made (the data files changed); resume with the same files or start a new run")
         loop.load_state_dict(state)
+        self._elapsed = float(state.get("wall_time_s", 0.0))
+        if fabric.global_rank == 0:
+            _purge_tensorboard_after(fabric, loop.round)
         fabric.print(f"fedhb: resumed from {path} (round {loop.round} of {self.federation.rounds})")
         return state
+
+    def wall_time(self) -> float:
+        """Seconds this run has taken: this process's, plus those of the runs it resumed up to their checkpoint."""
+        return self._elapsed + time.perf_counter() - self._start
 
     def save(self, fabric: Any, loop: Any, splits: list[ClientSplit]) -> None:
         state = loop.state_dict()
         state["config"] = config_text(self.config)
+        state["wall_time_s"] = self.wall_time()
         state["partition"] = {str(c): {k: torch.from_numpy(getattr(s, k).copy()) for k in ("train", "val", "test")}
                               for c, s in enumerate(splits)}
         save_checkpoint(fabric, self.out, loop.round, state, self.checkpoint.keep)
@@ -221,7 +229,7 @@ class _Run:
         from fedhb.loop import FederatedLoop
         from fedhb.models import build_encoder
 
-        start = time.perf_counter()
+        self._start, self._elapsed = time.perf_counter(), 0.0
         fabric.seed_everything(self.seed, verbose=False)
         rank0 = fabric.global_rank == 0
         samples, splits, key = prepare_partition(self.data, self.partition, self.seed)
@@ -295,7 +303,7 @@ class _Run:
             "rounds": self.federation.rounds,
             "trainable_parameters": trainable,
             "bytes_total": loop.bytes_total,
-            "wall_time_s": round(time.perf_counter() - start, 3),
+            "wall_time_s": round(self.wall_time(), 3),
             "world_size": fabric.world_size,
             "seed": self.seed,
             "final": history[-1] if history else None,
@@ -315,3 +323,14 @@ class _Run:
                 logger.finalize("success")
         fabric.barrier()
         return summary if rank0 else None
+
+
+def _purge_tensorboard_after(fabric: Any, rnd: int) -> None:
+    """Hide the TensorBoard events of rounds after ``rnd`` that a crashed run logged: they are logged again as they are
+    redone. SummaryWriter's ``purge_step`` does it; Lightning's logger passes its extra keyword arguments to the writer,
+    which it creates at the first log call, after this."""
+    from lightning.fabric.loggers import TensorBoardLogger
+
+    for logger in fabric.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger._kwargs["purge_step"] = rnd + 1

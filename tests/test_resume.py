@@ -136,6 +136,29 @@ def test_newest_n_checkpoints_are_kept_and_load_with_weights_only(organamnist_ro
     assert state["round"] == 3 and len(state["clients"]) == 4 and "global" in state["algorithm"]
 
 
+def test_a_resumed_run_logs_each_round_once_to_tensorboard_and_counts_its_earlier_time(organamnist_root, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # Prepare: a finished run that then lost its last checkpoint, as if killed after logging round 3.
+    out = tmp_path / "r"
+    _fit(organamnist_root, out, rounds=3)
+    earlier = torch.load(out / "checkpoints" / "round-000002.ckpt", weights_only=True)["wall_time_s"]
+    (out / "checkpoints" / "round-000003.ckpt").unlink()
+
+    # Execute
+    summary = _fit(organamnist_root, out, rounds=3, resume="auto")
+
+    # Assert: TensorBoard shows round 3 once (the redone one), as metrics.jsonl does.
+    events = EventAccumulator(str(out / "logs"))
+    events.Reload()
+    logged = events.Scalars("personalized/acc")
+    assert [e.step for e in logged] == [1, 2, 3]
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [e.value for e in logged] == pytest.approx([r["personalized_acc"] for r in records])
+    # The wall time covers the rounds before the checkpoint, run by the first process, too.
+    assert 0 < earlier < summary["wall_time_s"]
+
+
 def test_resuming_a_finished_run_does_nothing(organamnist_root, tmp_path, capsys):
     _fit(organamnist_root, tmp_path / "r", rounds=2)
     before = (tmp_path / "r" / "metrics.jsonl").read_text()

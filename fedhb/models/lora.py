@@ -7,18 +7,24 @@ from torch import nn
 from fedhb.config import LoRAArgs
 
 # Generic names in configs map to what each architecture calls its attention projections (transformers 5.x renamed
-# ViT's `query`/`value` to `q_proj`/`v_proj`; DistilBERT uses `q_lin`, T5 and MOMENT use `q`).
+# ViT's `query`/`value` to `q_proj`/`v_proj`; DistilBERT uses `q_lin`, T5 and MOMENT use `q`). A dotted alias is a
+# module-path suffix: BERT's attention output is `attention.output.dense` (its feed-forward output is `output.dense`).
 ALIASES: dict[str, tuple[str, ...]] = {
     "query": ("query", "q_proj", "q_lin", "q", "to_q"),
     "key": ("key", "k_proj", "k_lin", "k", "to_k"),
     "value": ("value", "v_proj", "v_lin", "v", "to_v"),
-    "output": ("o_proj", "out_proj", "out_lin", "o", "output.dense"),
+    "output": ("o_proj", "out_proj", "out_lin", "o", "attention.output.dense"),
 }
 
 
-def linear_leaf_names(model: nn.Module) -> set[str]:
-    """The last name component of every ``nn.Linear`` in ``model`` (what peft's ``target_modules`` matches)."""
-    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear) and name}
+def _linear_names(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name]
+
+
+def _matches(names: list[str], target: str) -> bool:
+    """Whether ``target`` names a module of ``names`` the way peft's ``target_modules`` does: the whole path or a
+    suffix of it after a dot."""
+    return any(name == target or name.endswith("." + target) for name in names)
 
 
 def resolve_target_modules(model: nn.Module, targets: list[str]) -> list[str]:
@@ -27,17 +33,17 @@ def resolve_target_modules(model: nn.Module, targets: list[str]) -> list[str]:
     Raises:
         ValueError: naming ``--model.lora.target_modules``, when a target matches nothing.
     """
-    present = linear_leaf_names(model)
+    names = _linear_names(model)
     resolved: list[str] = []
     for target in targets:
-        if target in present:
+        if _matches(names, target):
             resolved.append(target)
             continue
-        hits = [name for name in ALIASES.get(target, ()) if name in present]
+        hits = [alias for alias in ALIASES.get(target, ()) if _matches(names, alias)]
         if not hits:
             raise ValueError(
                 f"--model.lora.target_modules: the backbone has no linear module named {target!r}"
-                f" (or an alias of it); its linear modules are {sorted(present)}"
+                f" (or an alias of it); its linear modules are {sorted({n.rsplit('.', 1)[-1] for n in names})}"
             )
         resolved.append(hits[0])
     return sorted(set(resolved), key=resolved.index)

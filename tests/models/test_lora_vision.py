@@ -30,6 +30,21 @@ def test_query_value_resolve_to_the_names_the_backbone_has():
     assert resolve_target_modules(vit, ["fc1"]) == ["fc1"]
 
 
+def test_output_resolves_to_the_attention_output_projection_only():
+    from transformers import BertConfig, BertModel
+
+    vit = build_image_encoder("tiny-vit").model
+    bert = BertModel(BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                                vocab_size=50))
+
+    assert resolve_target_modules(vit, ["output"]) == ["o_proj"]
+    assert resolve_target_modules(bert, ["output"]) == ["attention.output.dense"]
+    adapted = {n.split(".lora_A.")[0] for n, _ in apply_lora(bert, LoRAArgs(target_modules=["output"]))
+               .named_parameters() if ".lora_A." in n}
+    # Not the feed-forward output (encoder.layer.N.output.dense), which has the same leaf name.
+    assert adapted == {f"encoder.layer.{i}.attention.output.dense" for i in range(2)}
+
+
 def test_unknown_target_module_names_the_flag_and_lists_what_exists():
     vit = build_image_encoder("tiny-vit").model
 

@@ -16,6 +16,7 @@ model is never tested on an abstract it trained on. FHBench pools ``train`` and 
 from __future__ import annotations
 
 import os
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Literal
@@ -102,6 +103,24 @@ def _extract_zip_member(archive: Path, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
+def _extract_7z_member(archive: Path, dest: Path) -> None:
+    """Extract ``dest.name`` from a 7-Zip ``archive`` with py7zr (the ``text`` extra; Python has no 7-Zip reader)."""
+    try:
+        import py7zr
+    except ImportError:
+        raise FileNotFoundError(
+            f"downloaded {archive}, which is 7-Zip compressed: install its reader with `pip install 'fedhb[text]'` "
+            f"(py7zr) and run again, or extract it yourself with `7z x {archive} -o{dest.parent}`"
+        ) from None
+    with py7zr.SevenZipFile(archive) as z:
+        names = [n for n in z.getnames() if n.endswith(dest.name)]
+        if not names:
+            raise ValueError(f"{archive}: holds no {dest.name} (members: {z.getnames()[:5]})")
+        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".extract-") as tmp:
+            z.extract(path=tmp, targets=names[:1])
+            os.replace(Path(tmp) / names[0], dest)
+
+
 def download_pubmed_rct(root: str | Path, variant: str, numbers_replaced: bool, splits: list[str]) -> None:
     """Fetch the published files of ``splits`` that are missing under ``root/{folder}``."""
     folder = pubmed_folder(variant, numbers_replaced)
@@ -118,12 +137,9 @@ def download_pubmed_rct(root: str | Path, variant: str, numbers_replaced: bool, 
                 fetch(f"{BASE_URL}{folder}/train{suffix}", archive, hint)
             if suffix == ".zip":
                 _extract_zip_member(archive, dest)
-                continue
-            # No 7-Zip reader ships with Python; one command by hand is cheaper than another dependency.
-            raise FileNotFoundError(
-                f"downloaded {archive}, which is 7-Zip compressed; extract it with `7z x {archive} -o{target}` "
-                f"(p7zip) and run again"
-            )
+            else:
+                _extract_7z_member(archive, dest)
+            continue
         fetch(f"{BASE_URL}{folder}/{split}.txt", dest, hint)
 
 

@@ -213,9 +213,27 @@ def test_pubmed_rct_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert urls == [base + "train.txt", base + "test.txt"]
 
 
-def test_pubmed_200k_train_download_explains_the_7z_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pubmed_200k_train_is_extracted_from_its_7z_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import py7zr
+
+    text = "###7\nMETHODS\tWe randomized 120 patients .\n\n"
+
+    def fake_urlretrieve(url: str, dest: Path) -> None:
+        assert url.endswith("PubMed_200k_RCT/train.7z")
+        (tmp_path / "train.txt").write_text(text)
+        with py7zr.SevenZipFile(dest, "w") as z:
+            z.write(tmp_path / "train.txt", "train.txt")
+
+    monkeypatch.setattr("urllib.request.urlretrieve", fake_urlretrieve)
+    s = PubMedRCT(root=str(tmp_path / "root"), variant="200k", download=True, splits=["train"]).load()
+    assert s.inputs == ["We randomized 120 patients ."]
+    assert sorted(p.name for p in (tmp_path / "root" / "PubMed_200k_RCT").iterdir()) == ["train.7z", "train.txt"]
+
+
+def test_pubmed_200k_train_without_py7zr_says_how_to_extract(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "py7zr", None)  # not installed
     monkeypatch.setattr("urllib.request.urlretrieve", lambda url, dest: Path(dest).write_bytes(b"7z archive"))
-    with pytest.raises(FileNotFoundError, match=r"7z x .*train\.7z"):
+    with pytest.raises(FileNotFoundError, match=r"fedhb\[text\].*7z x .*train\.7z"):
         PubMedRCT(root=str(tmp_path), variant="200k", download=True, splits=["train"]).load()
 
 

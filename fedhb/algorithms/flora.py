@@ -98,23 +98,26 @@ class FLoRA(Algorithm):
         return self._rank if self.ranks is None else self.ranks[client % len(self.ranks)]
 
     @staticmethod
-    def _cut(name: str, value: Tensor, rank: int) -> Tensor:
-        """``value`` of LoRA tensor ``name`` at ``rank``: A's first rows, B's first columns; others unchanged."""
+    def _at_rank(name: str, value: Tensor, rank: int, beyond: bool = False) -> Tensor:
+        """A view of tensor ``name``'s first ``rank`` components (A's rows, B's columns) or, with ``beyond``, of the
+        rest; tensors other than LoRA's are returned whole."""
+        part = slice(rank, None) if beyond else slice(None, rank)
         if ".lora_A." in name:
-            return value[:rank]
+            return value[part]
         if ".lora_B." in name:
-            return value[:, :rank]
+            return value[:, part]
         return value
+
+    def _rank_in(self, state: State) -> int:
+        """The rank of the client whose ``state`` this is (the model's for the global model)."""
+        return int(state[RANK]) if RANK in state else self._rank
 
     def _reset(self, rank: int) -> State:
         """The adapters a rank-``rank`` client restarts from, at the model's shape (zero beyond ``rank``)."""
         if rank not in self._resets:
             reset = {k: v.clone() for k, v in self._resets[self._rank].items()}
             for k, v in reset.items():
-                if ".lora_A." in k:
-                    v[rank:].zero_()
-                else:
-                    v[:, rank:].zero_()
+                self._at_rank(k, v, rank, beyond=True).zero_()
             self._resets[rank] = reset
         return self._resets[rank]
 
@@ -127,8 +130,8 @@ class FLoRA(Algorithm):
         return state
 
     def upload(self, state: State) -> State:
-        rank = int(state[RANK]) if RANK in state else self._rank
-        return {k: self._cut(k, v, rank) for k, v in super().upload(state).items()}
+        rank = self._rank_in(state)
+        return {k: self._at_rank(k, v, rank) for k, v in super().upload(state).items()}
 
     def aggregate(self, uploads: dict[int, State], num_samples: dict[int, int]) -> dict[int, State]:
         ids = sorted(uploads)
@@ -164,14 +167,15 @@ class FLoRA(Algorithm):
 
     @torch.no_grad()
     def on_load(self, module: ClientModule, state: State) -> None:
-        rank = int(state[RANK]) if RANK in state else self._rank
         if self.ranks is not None:
+            rank = self._rank_in(state)
             for layer in self._layers:
                 lora: Any = module.get_submodule(layer)  # a peft LoRA Linear
                 self._scaling.setdefault(layer, lora.scaling["default"])
                 lora.scaling["default"] = self._scaling[layer] * self._rank / rank
-                lora.lora_A["default"].weight[rank:].zero_()
-                lora.lora_B["default"].weight[:, rank:].zero_()
+            for name, param in module.trainable().items():
+                if is_lora(name):
+                    self._at_rank(name, param, rank, beyond=True).zero_()
         if self._merged == self._version:
             return
         for layer, update in self._update.items():

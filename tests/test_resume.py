@@ -146,7 +146,9 @@ def test_a_resumed_run_logs_each_round_once_to_tensorboard_and_counts_its_earlie
     (out / "checkpoints" / "round-000003.ckpt").unlink()
 
     # Execute
+    began = time.perf_counter()
     summary = _fit(organamnist_root, out, rounds=3, resume="auto")
+    resumed_for = time.perf_counter() - began
 
     # Assert: TensorBoard shows round 3 once (the redone one), as metrics.jsonl does.
     events = EventAccumulator(str(out / "logs"))
@@ -155,8 +157,9 @@ def test_a_resumed_run_logs_each_round_once_to_tensorboard_and_counts_its_earlie
     assert [e.step for e in logged] == [1, 2, 3]
     records = read_jsonl(out / "metrics.jsonl")
     assert [e.value for e in logged] == pytest.approx([r["personalized_acc"] for r in records])
-    # The wall time covers the rounds before the checkpoint, run by the first process, too.
+    # The wall time covers the rounds before the checkpoint, run by the first process, too: more than this call took.
     assert 0 < earlier < summary["wall_time_s"]
+    assert resumed_for < summary["wall_time_s"] <= earlier + resumed_for
 
 
 def test_resuming_a_finished_run_does_nothing(organamnist_root, tmp_path, capsys):

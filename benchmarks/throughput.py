@@ -74,17 +74,10 @@ def workload(num_clients: int) -> tuple[Any, list[Any]]:
 
 def build_module(samples: Any) -> tuple[Any, dict[str, Any]]:
     """The tiny ViT with LoRA and head, initialised from the run seed as ``fedhb fit`` does."""
-    import torch
+    from fedhb import build
 
-    from fedhb.client import ClientModule
-    from fedhb.models import build_encoder
-
-    torch.manual_seed(SEED)
-    encoder = build_encoder(ModelArgs(backbone="tiny-vit"), samples)
-    module = ClientModule(encoder, samples.num_classes, samples.task, OPTIM)
-    tensors = encoder.prepare(samples)
-    tensors["labels"] = torch.from_numpy(samples.labels)
-    return module, tensors
+    module = build.build_module(ModelArgs(backbone="tiny-vit"), samples, OPTIM, SEED)
+    return module, module.prepare(samples)
 
 
 def federation_args(rounds: int) -> Any:
@@ -125,26 +118,24 @@ def summarize(rounds: list[dict[str, float]], processes: int) -> dict[str, float
 
 
 # -- fedhb ----------------------------------------------------------------------------------------------------------
-def fedhb_cell(num_clients: int, processes: int, rounds: int) -> dict[str, Any] | None:
+def fedhb_cell(num_clients: int, processes: int, rounds: int, algorithm: str = "FedAvg") -> dict[str, Any] | None:
     """fedhb's ``FederatedLoop`` on ``processes`` CPU processes (``ddp``: this command is re-run for rank 1)."""
     import torch
 
-    from fedhb.algorithms import FedAvg
     from fedhb.algorithms._ops import state_bytes
+    from fedhb.build import build_loop
     from fedhb.config import FabricArgs
-    from fedhb.loop import FederatedLoop
     from fedhb.strategy import make_fabric
 
     torch.set_num_threads(1)
     fabric = make_fabric(FabricArgs(accelerator="cpu", devices=processes, strategy="ddp" if processes > 1 else "auto"))
     fabric.launch()
     samples, splits = workload(num_clients)
-    module, tensors = build_module(samples)
-    optimizer = module.configure_optimizers()
-    module = fabric.setup_module(module)
-    optimizer = fabric.setup_optimizers(optimizer)
-    loop = FederatedLoop(fabric, module, optimizer, FedAvg(), tensors, splits, federation_args(rounds),
-                         OPTIM, SEED, samples.task, samples.num_classes)
+    import fedhb.algorithms
+
+    loop = build_loop(fabric, samples, splits, getattr(fedhb.algorithms, algorithm)(),
+                      model=ModelArgs(backbone="tiny-vit"),
+                      federation=federation_args(rounds), optim=OPTIM, seed=SEED)
     per_client = [state_bytes(s) for s in loop.states.values()]
     results = []
     acc = float("nan")
@@ -236,13 +227,14 @@ def copy_cell(num_clients: int, rounds: int) -> dict[str, Any]:
 
 
 # -- the table ------------------------------------------------------------------------------------------------------
-def run_cells(runner: str, clients: int, processes: int, rounds: int, copies: int = 1) -> list[dict[str, Any]]:
+def run_cells(runner: str, clients: int, processes: int, rounds: int, copies: int = 1,
+              algorithm: str = "FedAvg") -> list[dict[str, Any]]:
     """``copies`` identical cells at once, each in fresh processes with one torch thread each; a cell's JSON line is
     the last line of its stdout."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, os.path.abspath(__file__), "--cell", runner, "--clients", str(clients),
-           "--processes", str(processes), "--rounds", str(rounds)]
+           "--processes", str(processes), "--rounds", str(rounds), "--algorithm", algorithm]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(copies)]
     outs = []
@@ -277,10 +269,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds per cell; the first is not timed (default 2)")
     parser.add_argument("--cell", choices=["fedhb", "copy"], help=argparse.SUPPRESS)
     parser.add_argument("--processes", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--algorithm", default="FedAvg",
+                        help="fedhb's algorithm (default FedAvg; e.g. EPFL for its memory per client; the model-copy "
+                             "loop always runs FedAvg)")
     args = parser.parse_args()
     if args.cell is not None:
         n = args.clients[0]
-        out = fedhb_cell(n, args.processes, args.rounds) if args.cell == "fedhb" else copy_cell(n, args.rounds)
+        out = (fedhb_cell(n, args.processes, args.rounds, args.algorithm) if args.cell == "fedhb"
+               else copy_cell(n, args.rounds))
         if out is not None:
             print(json.dumps(out), flush=True)
         return
@@ -289,7 +285,8 @@ def main() -> None:
     rounds = max(2, args.rounds)
     began = time.perf_counter()
     print(machine())
-    print(f"workload: tiny-vit + LoRA r=8 (query, value) + head, FedAvg, SGD, {TRAIN} train / {TEST} test samples per "
+    print(f"workload: tiny-vit + LoRA r=8 (query, value) + head, {args.algorithm} (model copy: FedAvg), SGD, "
+          f"{TRAIN} train / {TEST} test samples per "
           f"client, batch {BATCH}, {rounds} rounds (round 1 not timed)\n", flush=True)
     cells: dict[tuple[int, str], dict[str, Any]] = {}
     print("| clients | runner | processes | updates/s | CPU ms/update | round s | overhead | peak RSS MB/proc "
@@ -297,7 +294,7 @@ def main() -> None:
     print("|" + "---|" * 12)
     for n in counts:
         for name, runner, procs in (("fedhb", "fedhb", 1), ("fedhb", "fedhb", 2), ("model copy", "copy", 1)):
-            r = run_cells(runner, n, procs, rounds)[0]
+            r = run_cells(runner, n, procs, rounds, algorithm=args.algorithm)[0]
             cells[(n, f"{runner}{procs}")] = r
             print(f"| {n} | {name} | {procs} | {r['updates_per_s']:.1f} | {r['cpu_ms_per_update']:.1f} "
                   f"| {r['round_s']:.2f} | {r['overhead']:.1%} "
@@ -314,7 +311,7 @@ def main() -> None:
     # How much a second process can add on this machine at all: two independent one-process cells at the same time
     # share nothing but the machine, so their combined rate bounds what fedhb on 2 processes can reach here.
     n = 100 if 100 in counts else counts[-1]
-    pair = run_cells("fedhb", n, 1, rounds, copies=2)
+    pair = run_cells("fedhb", n, 1, rounds, copies=2, algorithm=args.algorithm)
     alone = cells[(n, "fedhb1")]
     combined = sum(r["updates_per_s"] for r in pair)
     print(f"\nparallel ceiling of this machine, {n} clients: two independent one-process cells at once make "

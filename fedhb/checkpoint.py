@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-#: Config fields that may differ between a checkpoint and the run that resumes it: they do not change the numbers.
-RESUMABLE_CHANGES = ("out_dir", "fabric", "checkpoint", "federation.eval_batch_size")
+from fedhb.config import is_result_neutral
+
 _NAME = re.compile(r"^round-(\d{6})\.ckpt$")
 
 
@@ -109,13 +109,10 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``--field: checkpoint has X, this run has Y`` for every field that changes the numbers."""
 
-    def relevant(key: str) -> bool:
-        return not any(key == r or key.startswith(r + ".") for r in RESUMABLE_CHANGES)
-
     a, b = _flatten(saved), _flatten(current)
     diffs = []
     for key in sorted(set(a) | set(b)):
-        if relevant(key) and a.get(key) != b.get(key):
+        if not is_result_neutral(key) and a.get(key) != b.get(key):
             flag = key.replace(".init_args.", ".")
             diffs.append(f"--{flag}: checkpoint has {a.get(key)!r}, this run has {b.get(key)!r}")
     return diffs

@@ -1,4 +1,5 @@
-"""A client: one LightningModule (frozen backbone + LoRA + head) whose trainable state is swapped per client.
+"""A client: one LightningModule (frozen encoders with LoRA, a fusion step, a task head) whose trainable state is
+swapped per client.
 
 One ``ClientModule`` exists per process. A client *is* its state dict (LoRA matrices, head, and whatever per-client
 tensors its algorithm keeps); loading another client's state is a copy into the same parameters, so an extra client
@@ -7,44 +8,76 @@ costs its adapter state, not a model.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import cast
+
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedhb.config import OptimArgs
+from fedhb.data.base import Samples
 from fedhb.models.base import Encoder
+from fedhb.models.fusion import Fusion, Single
+from fedhb.models.lora import RankedAdapters
+from fedhb.tasks.base import Task
 
 State = dict[str, Tensor]
 
 
 class ClientModule(L.LightningModule):
-    """Backbone with LoRA, plus a linear classification head on its pooled features."""
+    """Encoders by modality (a frozen backbone with LoRA each), a fusion step, and the task's head.
 
-    def __init__(self, encoder: Encoder, num_classes: int, task: str, optim: OptimArgs,
-                 head_dropout: float = 0.0) -> None:
+    Args:
+        encoders: ``{modality: encoder}``, in the order their features are fused.
+        task: What the head is trained for and scored on.
+        optim: The local optimizer's options.
+        head_dropout: Dropout before the head.
+        fusion: How the encoders' features are combined; default: the one encoder's features (one modality).
+    """
+
+    def __init__(self, encoders: Mapping[str, Encoder], task: Task, optim: OptimArgs, head_dropout: float = 0.0,
+                 fusion: Fusion | None = None) -> None:
         super().__init__()
-        self.encoder = encoder
-        self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(encoder.hidden_size, num_classes))
+        if not encoders:
+            raise ValueError("a client model needs at least one encoder")
+        self.encoders = nn.ModuleDict(dict(encoders))
+        if fusion is None:
+            if len(encoders) != 1:
+                raise ValueError(f"{len(encoders)} modalities ({', '.join(encoders)}) need a fusion step")
+            modality, encoder = next(iter(encoders.items()))
+            fusion = Single(modality, encoder.hidden_size)
+        self.fusion = fusion
+        self.head = task.head(fusion.out_features, head_dropout)  # named "head": see fedhb.algorithms._ops.is_head
         self.task = task
         self.optim = optim
+        self.adapters = RankedAdapters(self)
+        self._owned: list[tuple[str, nn.Parameter]] | None = None  # what trainable() looks through, found once
+
+    @property
+    def feature_size(self) -> int:
+        """Width of the fused features (the head's input)."""
+        return self.fusion.out_features
+
+    def prepare(self, samples: Samples) -> dict[str, Tensor]:
+        """Every sample's inputs as tensors (each encoder's, once per run) and its ``labels``."""
+        tensors: dict[str, Tensor] = {}
+        for encoder in self.encoders.values():
+            tensors.update(cast(Encoder, encoder).prepare(samples))
+        tensors["labels"] = torch.from_numpy(samples.labels)
+        return tensors
 
     # -- model ---------------------------------------------------------------------------------------------------
     def features(self, batch: dict[str, Tensor]) -> Tensor:
-        return self.encoder(batch)
+        return self.fusion({m: encoder(batch) for m, encoder in self.encoders.items()})
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         return self.head(self.features(batch))
 
-    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        if self.task == "multi-label":
-            return F.binary_cross_entropy_with_logits(logits, labels.float())
-        return F.cross_entropy(logits, labels)
-
     def training_step(self, batch: dict[str, Tensor], batch_idx: int = 0) -> dict[str, Tensor]:
         features = self.features(batch)
         logits = self.head(features)
-        return {"loss": self.loss(logits, batch["labels"]), "logits": logits, "features": features}
+        return {"loss": self.task.loss(logits, batch["labels"]), "logits": logits, "features": features}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int = 0) -> Tensor:
         return self(batch)
@@ -56,26 +89,43 @@ class ClientModule(L.LightningModule):
             return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
         if o.name == "adam":
             return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
-        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        if o.name == "adamw":
+            return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        raise ValueError(f"--optim.name must be one of sgd, adam, adamw, got {o.name!r}")
 
     # -- per-client state ----------------------------------------------------------------------------------------
     def trainable(self) -> dict[str, nn.Parameter]:
-        """The parameters a client owns, by name, in a fixed order."""
-        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+        """The parameters a client owns, by name, in a fixed order (those that require gradients).
+
+        The candidates are found once, the first time (the frozen backbone has hundreds of tensors, and states are
+        loaded several times per client and round); a tensor a training phase freezes drops out while it is frozen.
+        """
+        if self._owned is None:
+            self._owned = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        return {n: p for n, p in self._owned if p.requires_grad}
 
     def get_state(self, device: torch.device | str = "cpu") -> State:
         """A detached copy of the trainable parameters (the client's state), on ``device``."""
         return {n: p.detach().to(device, copy=True) for n, p in self.trainable().items()}
 
     @torch.no_grad()
-    def set_state(self, state: State) -> None:
-        """Copy ``state`` into the trainable parameters; names the module lacks are an error."""
-        params = self.trainable()
+    def set_state(self, state: State, params: dict[str, nn.Parameter] | None = None) -> None:
+        """Copy ``state`` into the trainable parameters (``params``, default :meth:`trainable`); names the module
+        lacks are an error."""
+        params = self.trainable() if params is None else params
         unknown = [k for k in state if k not in params]
         if unknown:
             raise KeyError(f"state has tensors the model does not: {unknown[:5]}")
         for name, value in state.items():
             params[name].copy_(value)
+
+    def load_state(self, state: State, names: list[str] | None = None) -> None:
+        """Load a client's (or the global) state: its model tensors (``names``, default: every key the module has)
+        and, when it holds a LoRA rank (:data:`fedhb.models.lora.RANK_KEY`), the adapters run at that rank."""
+        params = self.trainable()
+        keys = names if names is not None else [k for k in state if k in params]
+        self.set_state({k: state[k] for k in keys}, params)
+        self.adapters.load(state, params)
 
 
 def lr_at(optim: OptimArgs, rnd: int, rounds: int) -> float:

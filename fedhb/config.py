@@ -9,6 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+#: Run options that do not change a run's numbers: a run may resume with other values of them, and ``fedhb report``
+#: does not tell runs apart by them. Dotted names as on the command line (``data.root`` is the YAML's
+#: ``data.init_args.root``); a name covers its sub-options (``checkpoint`` covers ``checkpoint.every``). Precision
+#: is not among them: bf16 and fp32 runs differ in their numbers.
+RESULT_NEUTRAL = ("out_dir", "overwrite", "resume", "data.root", "data.download", "fabric.accelerator",
+                  "fabric.devices", "fabric.num_nodes", "fabric.strategy", "checkpoint", "federation.eval_batch_size")
+
+
+def is_result_neutral(key: str) -> bool:
+    """Whether the dotted option ``key`` (``init_args`` levels allowed) is in :data:`RESULT_NEUTRAL`."""
+    key = key.replace(".init_args.", ".")
+    return any(key == name or key.startswith(name + ".") for name in RESULT_NEUTRAL)
+
 
 def _check(condition: bool, flag: str, value: object, allowed: str) -> None:
     if not condition:
@@ -35,6 +48,8 @@ class PartitionArgs:
     side of the train/test split. ``None`` uses the dataset's own default key, ``none`` disables grouping."""
 
     def __post_init__(self) -> None:
+        _check(self.scheme in ("iid", "dirichlet", "natural"), "partition.scheme", self.scheme,
+               "one of iid, dirichlet, natural")
         _check(self.num_clients >= 1, "partition.num_clients", self.num_clients, ">= 1")
         _check(self.alpha > 0, "partition.alpha", self.alpha, "> 0 (e.g. 0.1 for strong label skew)")
         _check(self.min_samples >= 1, "partition.min_samples", self.min_samples, ">= 1")
@@ -129,6 +144,8 @@ class FederationArgs:
         _check(self.batch_size >= 1, "federation.batch_size", self.batch_size, ">= 1")
         _check(self.eval_batch_size >= 1, "federation.eval_batch_size", self.eval_batch_size, ">= 1")
         _check(self.eval_every >= 1, "federation.eval_every", self.eval_every, ">= 1")
+        _check(self.eval_protocol in ("after_aggregation", "fhbench"), "federation.eval_protocol",
+               self.eval_protocol, "after_aggregation or fhbench")
 
 
 @dataclass
@@ -149,6 +166,8 @@ class OptimArgs:
     """Learning rate of the last round under the cosine schedule."""
 
     def __post_init__(self) -> None:
+        _check(self.name in ("sgd", "adam", "adamw"), "optim.name", self.name, "one of sgd, adam, adamw")
+        _check(self.schedule in ("constant", "cosine"), "optim.schedule", self.schedule, "constant or cosine")
         _check(self.lr > 0, "optim.lr", self.lr, "> 0")
         _check(0 <= self.momentum < 1, "optim.momentum", self.momentum, "in [0, 1)")
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
@@ -187,10 +206,15 @@ class CheckpointArgs:
     """Saving the federation state so that a run can resume."""
 
     every: int = 0
-    """Save every k rounds (0: only at the end)."""
+    """Save every k rounds (0: by time only, see ``minutes``). The last round is always saved, and so is the round a
+    run stops after on SIGINT (Ctrl-C) or SIGTERM."""
+    minutes: float = 5.0
+    """Also save when this many minutes have passed since the last save (0: never by time): a crash loses at most
+    about this much work."""
     keep: int = 2
     """Keep the newest N checkpoints."""
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, "checkpoint.every", self.every, ">= 0")
+        _check(self.minutes >= 0, "checkpoint.minutes", self.minutes, ">= 0")
         _check(self.keep >= 1, "checkpoint.keep", self.keep, ">= 1")

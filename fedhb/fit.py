@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,9 @@ from fedhb.config import (
 from fedhb.data.base import FederatedDataset, Samples
 from fedhb.data.partition import ClientSplit, class_counts, partition_samples, subsample
 from fedhb.io import append_jsonl, json_line, write_atomic, write_json
+from fedhb.paths import check_out_dir
+from fedhb.record import tensorboard_scalars
+from fedhb.signals import Interrupted, StopRequest
 from fedhb.strategy import make_fabric
 
 
@@ -142,6 +147,7 @@ def fit(
         raise ValueError("--data is required: e.g. --data MedMNIST --data.root DIR, or a config with a data: block")
     algorithm = algorithm if algorithm is not None else FedAvg()
     out = Path(out_dir)
+    check_out_dir(out)
     if federation.min_clients > partition.num_clients:
         raise ValueError(f"--federation.min_clients={federation.min_clients} is more than "
                          f"--partition.num_clients={partition.num_clients}")
@@ -225,26 +231,17 @@ class _Run:
         save_checkpoint(fabric, self.out, loop.round, state, self.checkpoint.keep)
 
     def __call__(self, fabric: Any) -> dict[str, Any] | None:
-        from fedhb.client import ClientModule
-        from fedhb.loop import FederatedLoop
-        from fedhb.models import build_encoder
+        from fedhb.build import build_loop
 
         self._start, self._elapsed = time.perf_counter(), 0.0
         fabric.seed_everything(self.seed, verbose=False)
         rank0 = fabric.global_rank == 0
-        samples, splits, key = prepare_partition(self.data, self.partition, self.seed)
-        torch.manual_seed(self.seed)  # same initial backbone, LoRA and head on every rank
-        encoder = build_encoder(self.model, samples)
-        module = ClientModule(encoder, samples.num_classes, samples.task, self.optim, self.model.head_dropout)
-        tensors = encoder.prepare(samples)
-        tensors["labels"] = torch.from_numpy(samples.labels)
-        if fabric.device.type == "cuda":
-            tensors = {k: v.pin_memory() for k, v in tensors.items()}
-        optimizer = module.configure_optimizers()
-        module = fabric.setup_module(module)
-        optimizer = fabric.setup_optimizers(optimizer)
-        loop = FederatedLoop(fabric, module, optimizer, self.algorithm, tensors, self.algorithm.client_splits(splits),
-                             self.federation, self.optim, self.seed, samples.task, samples.num_classes)
+        with warnings.catch_warnings():
+            if not rank0:  # the partition's warnings once, not once per process
+                warnings.simplefilter("ignore")
+            samples, splits, key = prepare_partition(self.data, self.partition, self.seed)
+        loop = build_loop(fabric, samples, splits, self.algorithm, model=self.model, federation=self.federation,
+                          optim=self.optim, seed=self.seed)
         trainable = sum(v.numel() for v in loop.client_module.trainable().values())
         resumed = self.restore(fabric, loop, splits)
         if resumed is not None and loop.round >= self.federation.rounds and (self.out / "summary.json").is_file():
@@ -268,32 +265,35 @@ class _Run:
                          f"world size {fabric.world_size}")
         fabric.barrier()
 
+        last_save = time.perf_counter()
+
         def on_round(result: Any) -> None:
-            every = self.checkpoint.every
-            if result.round == self.federation.rounds or (every and result.round % every == 0):
-                if rank0 and result.metrics is not None:
-                    log(result)
-                self.save(fabric, loop, splits)
-            elif rank0 and result.metrics is not None:
+            nonlocal last_save
+            if rank0 and result.metrics is not None:
                 log(result)
+            every, minutes = self.checkpoint.every, self.checkpoint.minutes
+            due = minutes > 0 and time.perf_counter() - last_save >= 60 * minutes
+            signum = stop.signum
+            if fabric.world_size > 1:  # every rank must take the same decisions: saving is a collective
+                signum = int(loop.comm.max(float(signum)))
+                due = loop.comm.max(1.0 if rank0 and due else 0.0) > 0  # rank 0's clock decides
+            if result.round == self.federation.rounds or (every and result.round % every == 0) or due or signum:
+                self.save(fabric, loop, splits)
+                last_save = time.perf_counter()
+            if signum and result.round < self.federation.rounds:
+                for logger in fabric.loggers if rank0 else []:
+                    logger.finalize("interrupted")  # flush the rounds logged so far
+                raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} after round {result.round} of "
+                                          f"{self.federation.rounds}; its checkpoint is in {checkpoint_dir(self.out)}. "
+                                          f"Continue with the same command and --resume auto")
 
         def log(result: Any) -> None:
             record = loop.history[-1]
             append_jsonl(self.out / "metrics.jsonl", record)
-            scalars = {
-                "personalized/acc": record["personalized_acc"], "personalized/worst_client_acc":
-                record["worst_client_acc"], "personalized/f1": record["personalized_f1"],
-                "personalized/auroc": record["personalized_auroc"], "clients/trained": record["clients_trained"],
-                "train/loss": record["train_loss"], "comm/bytes_up": record["bytes_up"],
-                "comm/bytes_down": record["bytes_down"], "comm/bytes_total": record["bytes_total"],
-                "time/round_s": record["round_time_s"],
-            }
-            if record["global_acc"] is not None:
-                scalars["global/acc"] = record["global_acc"]
-                scalars["global/f1"] = record["global_f1"]
-            fabric.log_dict({k: v for k, v in scalars.items() if v is not None and v == v}, step=result.round)
+            fabric.log_dict(tensorboard_scalars(record, loop.task.fields), step=result.round)
 
-        history = loop.run(on_round)
+        with StopRequest(announce=rank0) as stop:
+            history = loop.run(on_round)
         summary = {
             "algorithm": type(self.algorithm).__name__,
             "algorithm_options": self.algorithm.hparams(),
@@ -321,6 +321,9 @@ class _Run:
             write_json(self.out / "summary.json", summary)
             for logger in fabric.loggers:
                 logger.finalize("success")
+            fabric.print(f"fedhb: done in {summary['wall_time_s']:.1f} s; outputs in {self.out}/ (summary.json, "
+                         f"metrics.jsonl, checkpoints/); compare runs with `tensorboard --logdir {self.out.parent}` "
+                         f"or `fedhb report {self.out.parent}`")
         fabric.barrier()
         return summary if rank0 else None
 

@@ -1,11 +1,20 @@
 """``FederatedLoop``: the only place where rounds run.
 
 Each process holds one :class:`~fedhb.client.ClientModule` and the states of the clients assigned to it (balanced by
-training samples). A round: the selected clients of this rank train one after another (state swapped in, trained,
-swapped out); their uploads are flattened and gathered from all ranks with ``all_gather`` in client-id order; every
-rank runs the same pure ``aggregate`` on the same tensors, so all ranks agree without a broadcast; each rank applies
-what its clients receive. Seeds, data order and dropout masks depend on ``(seed, round, client)`` only, so a
-federation gives the same numbers on any number of processes.
+training samples). A round is a short list of phases, each a method:
+
+1. :meth:`~FederatedLoop.select`: the clients that train, and those that fail to report (``--federation.dropout``);
+2. :meth:`~FederatedLoop.train`: this rank's clients train one after another (state swapped in, trained, swapped
+   out) and say what they upload;
+3. :meth:`~FederatedLoop.gather`: every client's status and upload reach every rank, in client-id order;
+4. :meth:`~FederatedLoop.aggregate`: every rank runs the same pure server step on the same tensors, so all ranks
+   agree without a broadcast;
+5. :meth:`~FederatedLoop.apply`: each rank writes what its clients receive into their states;
+6. :meth:`~FederatedLoop.evaluate`: every ``--federation.eval_every`` rounds;
+7. :meth:`~FederatedLoop.record`: the round's :class:`RoundResult` and, when evaluated, its ``metrics.jsonl`` record.
+
+Seeds, data order and dropout masks depend on ``(seed, round, client)`` only (:mod:`fedhb.seeds`), so a federation
+gives the same numbers on any number of processes. Every collective goes through :mod:`fedhb.collectives`.
 """
 
 from __future__ import annotations
@@ -13,33 +22,30 @@ from __future__ import annotations
 import math
 import sys
 import time
-import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from fedhb import seeds
 from fedhb.algorithms._ops import State, state_bytes
-from fedhb.algorithms.base import Algorithm
+from fedhb.algorithms.base import Aggregate, Algorithm
 from fedhb.algorithms.trainer import Diverged, LocalTrainer
 from fedhb.client import ClientModule, lr_at
+from fedhb.collectives import Collectives, Layout, layout_of
 from fedhb.config import FederationArgs, OptimArgs
 from fedhb.data.partition import ClientSplit
-from fedhb.metrics import ClientScores, confusion_scores, score_logits
+from fedhb.models.lora import BaseMerge
+from fedhb.record import round_record
+from fedhb.seeds import client_seed
 
-#: How a state is packed for a collective: ``(name, shape, dtype)`` of each tensor, in order.
-Layout = list[tuple[str, torch.Size, torch.dtype]]
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
 
-# Lightning's all_gather goes through a torch function that warns on every call; the call itself is what we want.
-warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
-
-
-def client_seed(seed: int, rnd: int, client: int) -> int:
-    """A seed that depends on the run seed, the round and the client only (never on the rank)."""
-    return int(np.random.SeedSequence([seed, rnd, client]).generate_state(1)[0])
+__all__ = ["ClientStatus", "FederatedLoop", "RoundResult", "assign_clients", "client_seed", "host_copy", "store"]
 
 
 def assign_clients(sizes: list[int], world_size: int) -> list[int]:
@@ -75,6 +81,30 @@ def store(state: State, tensors: Mapping[str, Tensor], pin: bool) -> None:
 
 
 @dataclass
+class ClientStatus:
+    """How one client's local update went; crosses ranks as the row ``[loss, steps, failed]`` (the reason follows
+    as an object only when some client failed)."""
+
+    loss: float
+    steps: int
+    failure: str | None = None  # why the update is unusable (kept as the trainer or the check said it)
+
+    width = 3
+
+    def as_row(self) -> Tensor:
+        return torch.tensor([self.loss, float(self.steps), 0.0 if self.failure is None else 1.0], dtype=torch.float64)
+
+    @classmethod
+    def from_row(cls, row: Tensor, failure: str | None = None) -> ClientStatus:
+        return cls(float(row[0]), int(row[1]), failure if float(row[2]) > 0 else None)
+
+
+#: The category recorded in ``metrics.jsonl`` for a client whose update was not finite (the status keeps the detail).
+NON_FINITE = "non-finite loss or parameters"
+DROPPED = "dropped: did not report"
+
+
+@dataclass
 class RoundResult:
     """What one round produced, identical on every rank."""
 
@@ -90,8 +120,31 @@ class RoundResult:
     metrics: dict[str, Any] | None = None
 
 
+@dataclass
+class _Plan:
+    """The select phase's output."""
+
+    selected: list[int]
+    reporting: list[int]
+    dropped: set[int]
+    min_clients: int
+
+
+@dataclass
+class _Trained:
+    """The train phase's output on this rank."""
+
+    status: dict[int, ClientStatus] = field(default_factory=dict)
+    uploads: dict[int, State] = field(default_factory=dict)
+    early: dict[int, Tensor] = field(default_factory=dict)  # fhbench protocol: scores right after training
+    sync_bytes: int = 0  # catch-up downloads of clients that missed aggregations (counted on every rank)
+    compute_s: float = 0.0
+
+
 class FederatedLoop:
     """Runs rounds over clients sharded across Fabric ranks.
+
+    Build it with :func:`fedhb.build.build_loop`.
 
     Args:
         fabric: A launched ``lightning.Fabric``.
@@ -105,16 +158,18 @@ class FederatedLoop:
         seed: Run seed.
     """
 
-    def __init__(self, fabric: Any, module: Any, optimizer: Any, algorithm: Algorithm, tensors: dict[str, Tensor],
-                 splits: list[ClientSplit], federation: FederationArgs, optim: OptimArgs, seed: int,
-                 task: str, num_classes: int) -> None:
+    def __init__(self, fabric: Fabric, module: ClientModule, optimizer: torch.optim.Optimizer, algorithm: Algorithm,
+                 tensors: dict[str, Tensor], splits: list[ClientSplit], federation: FederationArgs, optim: OptimArgs,
+                 seed: int) -> None:
         self.fabric, self.module, self.optimizer, self.algorithm = fabric, module, optimizer, algorithm
         self.tensors, self.splits, self.args, self.optim, self.seed = tensors, splits, federation, optim, seed
-        self.task, self.num_classes = task, num_classes
+        self.task = self.client_module.task
         self.num_clients = len(splits)
         self.num_train = [s.num_train for s in splits]
         self.owner = assign_clients(self.num_train, fabric.world_size)
         self.mine = [c for c in range(self.num_clients) if self.owner[c] == fabric.global_rank]
+        self.comm = Collectives(fabric, self.owner)
+        self.backbone = BaseMerge(self.client_module)
         initial = self.client_module.get_state()
         self.model_names = list(initial)
         algorithm.setup(self.model_names, initial, self.num_clients)
@@ -128,15 +183,17 @@ class FederatedLoop:
         distinct: dict[tuple[Any, ...], Layout] = {}
         own = {}
         for c in self.mine:
-            layout = [(k, v.shape, v.dtype) for k, v in algorithm.upload(self.states[c]).items()]
+            layout = layout_of(algorithm.upload(self.states[c]))
             own[c] = distinct.setdefault(tuple(layout), layout)
-        self.upload_layouts: dict[int, Layout] = self._from_every_rank(own)
+        self.upload_layouts: dict[int, Layout] = self.comm.from_every_rank(own)
         # Round in which each client last received the global model (all ranks track every client).
         self.synced = np.zeros(self.num_clients, dtype=np.int64)
         self.last_aggregation = 0
+        self.catch_up_bytes: int | None = None  # what the last aggregation said a catch-up download costs
+        self.backbone_update: dict[str, Tensor] = {}  # merged into the frozen backbone (FLoRA)
         self.round = 0
         self.history: list[dict[str, Any]] = []
-        self.best_val: dict[int, tuple[float, ClientScores]] = {}  # FHBench protocol: best validation per client
+        self.best_val: dict[int, tuple[float, Tensor]] = {}  # FHBench protocol: best validation score and test row
         self.bytes_total = 0
         # Failed or dropped clients since the last evaluated round; reported in the next metrics record.
         self.pending_failures: list[dict[str, Any]] = []
@@ -144,39 +201,70 @@ class FederatedLoop:
     @property
     def client_module(self) -> ClientModule:
         m = self.module
-        return m.module if hasattr(m, "module") and isinstance(m.module, ClientModule) else m
+        return m.module if hasattr(m, "module") and isinstance(m.module, ClientModule) else m  # type: ignore[return-value]
 
-    def _from_every_rank(self, own: dict[int, Any]) -> dict[int, Any]:
-        """The union of every rank's ``own`` (picklable objects, one broadcast per rank; for set-up only)."""
-        if self.fabric.world_size == 1:
-            return dict(own)
-        union: dict[int, Any] = {}
-        for r in range(self.fabric.world_size):
-            union.update(self.fabric.broadcast(own if r == self.fabric.global_rank else None, src=r))
-        return union
+    def load(self, state: State) -> None:
+        """Load a client's state (or a personalized or the global model) into the process's model."""
+        self.client_module.load_state(state, self.model_names)
 
-    # -- selection ------------------------------------------------------------------------------------------------
-    def select(self, rnd: int) -> list[int]:
+    # -- 1. select ------------------------------------------------------------------------------------------------
+    def selected(self, rnd: int) -> list[int]:
         """The clients that train in round ``rnd``, sorted; the same on every rank."""
         if self.args.fraction >= 1:
             return list(range(self.num_clients))
         k = max(1, int(round(self.args.fraction * self.num_clients)))
-        rng = np.random.default_rng([self.seed, rnd, 7])
+        rng = seeds.rng(self.seed, rnd, seeds.Stream.SELECTION)
         return sorted(int(c) for c in rng.choice(self.num_clients, size=k, replace=False))
 
-    # -- local work -----------------------------------------------------------------------------------------------
-    def batches(self, index: np.ndarray, batch_size: int) -> Any:
-        for start in range(0, len(index), batch_size):
-            rows = torch.from_numpy(index[start:start + batch_size])
-            yield {k: self.fabric.to_device(v[rows]) for k, v in self.tensors.items()}
+    def dropped(self, rnd: int, attempt: int, selected: list[int]) -> set[int]:
+        """Clients that fail to report (``--federation.dropout``); a function of (seed, round, attempt) only."""
+        if self.args.dropout <= 0:
+            return set()
+        draw = seeds.rng(self.seed, rnd, attempt, seeds.Stream.DROPOUT).random(len(selected))
+        return {c for c, u in zip(selected, draw) if u < self.args.dropout}
 
-    def load(self, state: State) -> None:
-        self.client_module.set_state({k: state[k] for k in self.model_names})
-        self.algorithm.on_load(self.client_module, state)
+    def select(self, rnd: int) -> _Plan:
+        selected = self.selected(rnd)
+        min_clients = min(self.args.min_clients, len(selected))
+        for attempt in range(self.args.round_retries + 1):
+            dropped = self.dropped(rnd, attempt, selected)
+            if len(selected) - len(dropped) >= min_clients:
+                break
+        else:
+            raise RuntimeError(
+                f"round {rnd}: only {len(selected) - len(dropped)} of {len(selected)} clients reported after "
+                f"{self.args.round_retries + 1} attempts, fewer than --federation.min_clients={self.args.min_clients}; "
+                f"lower --federation.dropout or --federation.min_clients. Finished rounds are in the last checkpoint."
+            )
+        return _Plan(selected, [c for c in selected if c not in dropped], dropped, min_clients)
 
-    def train_client(self, cid: int, rnd: int) -> tuple[float, int, str | None]:
-        """Local training of client ``cid`` by the algorithm's ``local_update``; returns (mean loss, local steps,
-        failure reason or None). A client that fails keeps the whole state it started the round with."""
+    # -- 2. train -------------------------------------------------------------------------------------------------
+    def train(self, rnd: int, plan: _Plan) -> _Trained:
+        out = _Trained()
+        glob = self.algorithm.global_state()
+        fhbench = self.args.eval_protocol == "fhbench"
+        for cid in plan.reporting:
+            stale = glob is not None and self.synced[cid] < self.last_aggregation
+            if stale and glob is not None:  # counted on every rank: deterministic
+                out.sync_bytes += self.catch_up_bytes if self.catch_up_bytes is not None else state_bytes(glob)
+            if self.owner[cid] != self.fabric.global_rank:
+                continue
+            if stale and glob is not None:
+                store(self.states[cid], glob, self.pin_states)
+            t = time.perf_counter()
+            status = out.status[cid] = self.train_client(cid, rnd)
+            if fhbench and status.failure is None:
+                out.early[cid] = self._fhbench_row(cid)
+            out.compute_s += time.perf_counter() - t
+            if status.failure is None:
+                out.uploads[cid] = self.algorithm.upload(self.states[cid])
+            else:
+                out.uploads[cid] = {k: torch.zeros(shape, dtype=dtype) for k, shape, dtype in self.upload_layouts[cid]}
+        return out
+
+    def train_client(self, cid: int, rnd: int) -> ClientStatus:
+        """Local training of client ``cid`` by the algorithm's ``local_update``. A client that fails keeps the whole
+        state it started the round with."""
         state = self.states[cid]
         # local_update may change algo/ tensors (even in place) before failing: keep a copy in a buffer reused by every
         # client, so that the backup itself allocates nothing round after round.
@@ -186,14 +274,13 @@ class FederatedLoop:
         seed = client_seed(self.seed, rnd, cid)
         torch.manual_seed(seed)  # dropout masks
         trainer = LocalTrainer(
-            self.fabric, self.module, self.client_module, self.optimizer, self.algorithm, self.tensors,
-            self.splits[cid].train, epochs=self.args.local_epochs, batch_size=self.args.batch_size,
-            eval_batch_size=self.args.eval_batch_size, lr=lr_at(self.optim, rnd, self.args.rounds), optim=self.optim,
-            seed=seed, round=rnd, rounds=self.args.rounds, client=cid,
+            self.fabric, self.module, self.client_module, self.optimizer, self.tensors, self.splits[cid].train,
+            epochs=self.args.local_epochs, batch_size=self.args.batch_size, eval_batch_size=self.args.eval_batch_size,
+            lr=lr_at(self.optim, rnd, self.args.rounds), optim=self.optim, seed=seed, round=rnd,
+            rounds=self.args.rounds, client=cid,
         )
         self.load(state)
         self.module.train()
-        self.algorithm.on_train_start(self.client_module, state)
         failure = None
         try:
             self.algorithm.local_update(trainer, state)
@@ -206,162 +293,60 @@ class FederatedLoop:
             state.clear()
             state.update(host_copy(self._backup, self.pin_states))
             self.load(state)
-            return math.nan, trainer.steps, failure
+            return ClientStatus(math.nan, trainer.steps, failure)
         store(state, new, self.pin_states)
-        self.algorithm.on_train_end(self.client_module, state, trainer.steps)
         self.load(self.algorithm.personalized_model(state))  # what the fhbench protocol scores right after training
-        return trainer.mean_loss, trainer.steps, None
+        return ClientStatus(trainer.mean_loss, trainer.steps)
 
-    @torch.no_grad()
-    def predict(self, index: np.ndarray) -> tuple[Tensor, Tensor]:
-        self.module.eval()
-        logits, labels = [], []
-        for batch in self.batches(index, self.args.eval_batch_size):
-            with self.fabric.autocast():  # --fabric.precision: Fabric applies it to forward() only
-                logits.append(self.module.validation_step(batch).float().cpu())
-            labels.append(batch["labels"].cpu())
-        if not logits:
-            return torch.zeros(0, self.num_classes), self.tensors["labels"][:0]
-        return torch.cat(logits), torch.cat(labels)
-
-    def score_client(self, cid: int, split: str) -> ClientScores:
-        logits, labels = self.predict(getattr(self.splits[cid], split))
-        return score_logits(logits, labels, self.task, self.num_classes)
-
-    # -- collectives ----------------------------------------------------------------------------------------------
-    def gather_rows(self, clients: list[int], rows: dict[int, Tensor], width: int) -> dict[int, Tensor]:
-        """All ranks' ``{client: 1-D float tensor of length width}`` for ``clients``, via one all_gather."""
-        per_rank, block = self._row_block(clients, width, torch.float64)
-        for j, c in enumerate(per_rank[self.fabric.global_rank]):
-            block[j] = rows[c]
-        return self._gather_block(per_rank, block)
-
-    def _row_block(self, clients: list[int], width: int, dtype: torch.dtype) -> tuple[list[list[int]], Tensor]:
-        """Each rank's share of ``clients`` and a zero ``(largest share, width)`` block for this rank's rows."""
-        per_rank = [[c for c in clients if self.owner[c] == r] for r in range(self.fabric.world_size)]
-        return per_rank, torch.zeros(max(1, max(len(p) for p in per_rank)), width, dtype=dtype)
-
-    def _gather_block(self, per_rank: list[list[int]], block: Tensor) -> dict[int, Tensor]:
-        world = self.fabric.world_size
-        gathered = block[None] if world == 1 else self.fabric.all_gather(self.fabric.to_device(block)).cpu()
-        return {c: gathered[r, j] for r in range(world) for j, c in enumerate(per_rank[r])}
-
-    def gather_uploads(self, clients: list[int], uploads: dict[int, State]) -> dict[int, State]:
-        """Every rank gets every client's upload.
-
-        One process: the uploads themselves (``run_round`` detaches what it writes back into client states).
-        Several: see :meth:`gather_states`.
-        """
-        if self.fabric.world_size == 1:
-            return {c: uploads[c] for c in clients}
-        return self.gather_states(clients, uploads, self.upload_layouts)
-
-    def gather_states(self, clients: list[int], local: dict[int, State],
-                      layouts: Mapping[int, Layout]) -> dict[int, State]:
-        """Every rank's ``{client: state}`` for ``clients``, client ``c``'s laid out as ``layouts[c]``.
-
-        Each state is packed into its row of one block (as wide as the largest), all-gathered once and unpacked as
-        views of the gathered block, so the result holds each state once. The block is float32 when every tensor is
-        float32 or narrower (bit-exact) and float64 otherwise.
-        """
-        width = max((sum(math.prod(shape) for _, shape, _ in layouts[c]) for c in clients), default=0)
-        if width == 0:
-            return {c: {} for c in clients}
-        narrow = all(dtype in (torch.float32, torch.bfloat16, torch.float16) for c in clients for _, _, dtype in
-                     layouts[c])
-        carrier = torch.float32 if narrow else torch.float64
-        per_rank, block = self._row_block(clients, width, carrier)
-        for j, c in enumerate(per_rank[self.fabric.global_rank]):
-            offset = 0
-            for k, shape, _ in layouts[c]:
-                n = math.prod(shape)
-                block[j, offset:offset + n] = local[c][k].detach().reshape(-1)
-                offset += n
-        out: dict[int, State] = {}
-        for c, row in self._gather_block(per_rank, block).items():
-            parts, offset = {}, 0
-            for k, shape, dtype in layouts[c]:
-                n = math.prod(shape)
-                part = row[offset:offset + n].view(shape)
-                parts[k] = part if dtype == carrier else part.to(dtype)
-                offset += n
-            out[c] = parts
-        return out
-
-    # -- one round ------------------------------------------------------------------------------------------------
-    def dropped(self, rnd: int, attempt: int, selected: list[int]) -> set[int]:
-        """Clients that fail to report (``--federation.dropout``); a function of (seed, round, attempt) only."""
-        if self.args.dropout <= 0:
-            return set()
-        draw = np.random.default_rng([self.seed, rnd, attempt, 11]).random(len(selected))
-        return {c for c, u in zip(selected, draw) if u < self.args.dropout}
-
-    def run_round(self, rnd: int) -> RoundResult:
-        start = time.perf_counter()
-        selected = self.select(rnd)
-        min_clients = min(self.args.min_clients, len(selected))
-        for attempt in range(self.args.round_retries + 1):
-            dropped = self.dropped(rnd, attempt, selected)
-            if len(selected) - len(dropped) >= min_clients:
-                break
-        else:
-            raise RuntimeError(
-                f"round {rnd}: only {len(selected) - len(dropped)} of {len(selected)} clients reported after "
-                f"{self.args.round_retries + 1} attempts, fewer than --federation.min_clients={self.args.min_clients}; "
-                f"lower --federation.dropout or --federation.min_clients. Finished rounds are in the last checkpoint."
-            )
-        reporting = [c for c in selected if c not in dropped]
-        glob = self.algorithm.global_state()
-        compute = 0.0
-        sync_bytes = 0
-        losses: dict[int, Tensor] = {}
-        uploads: dict[int, State] = {}
-        fhbench = self.args.eval_protocol == "fhbench"
-        early: dict[int, Tensor] = {}
-        for cid in reporting:
-            stale = glob is not None and self.synced[cid] < self.last_aggregation
-            if stale:
-                assert glob is not None
-                sync_bytes += self.algorithm.download_bytes(glob, catch_up=True)  # on every rank: deterministic
-            if self.owner[cid] != self.fabric.global_rank:
-                continue
-            if stale and glob is not None:
-                store(self.states[cid], glob, self.pin_states)
-            t = time.perf_counter()
-            loss, steps, failure = self.train_client(cid, rnd)
-            if fhbench and failure is None:
-                early[cid] = self._fhbench_row(cid)
-            compute += time.perf_counter() - t
-            losses[cid] = torch.tensor([loss, float(steps), 0.0 if failure is None else 1.0], dtype=torch.float64)
-            if failure is None:
-                uploads[cid] = self.algorithm.upload(self.states[cid])
-            else:
-                uploads[cid] = {k: torch.zeros(shape, dtype=dtype) for k, shape, dtype in self.upload_layouts[cid]}
-        info = self.gather_rows(reporting, losses, 3)
+    # -- 3. gather ------------------------------------------------------------------------------------------------
+    def gather(self, rnd: int, plan: _Plan, trained: _Trained) -> tuple[dict[int, ClientStatus], dict[int, str],
+                                                                         dict[int, State]]:
+        """Every reporting client's status, the usable ones' uploads, and why the others are excluded."""
+        rows = self.comm.rows(plan.reporting, {c: s.as_row() for c, s in trained.status.items()}, ClientStatus.width)
+        failed_somewhere = [c for c in plan.reporting if float(rows[c][2]) > 0]
+        reasons = {}
+        if failed_somewhere:  # every rank knows this from the rows, so all take part in the object collective
+            reasons = self.comm.from_every_rank({c: s.failure for c, s in trained.status.items() if s.failure})
+        status = {c: ClientStatus.from_row(rows[c], reasons.get(c)) for c in plan.reporting}
         failed: dict[int, str] = {}
-        for c in reporting:
-            if info[c][2] > 0:
-                failed[c] = "non-finite loss or parameters"
-            elif float(info[c][0]) > self.args.max_loss:
-                loss = float(info[c][0])
-                failed[c] = f"diverged: mean loss {loss:.4g} > --federation.max_loss={self.args.max_loss:g}"
-        ok = [c for c in reporting if c not in failed]
-        for c, why in failed.items():
-            self.fabric.print(f"fedhb: warning: round {rnd}: client {c} excluded from aggregation ({why})")
-        if len(ok) < min_clients:
+        for c, s in status.items():
+            if s.failure is not None:
+                failed[c] = NON_FINITE
+                self.fabric.print(f"fedhb: warning: round {rnd}: client {c} excluded from aggregation ({NON_FINITE}: "
+                                  f"{s.failure})")
+            elif s.loss > self.args.max_loss:
+                failed[c] = f"diverged: mean loss {s.loss:.4g} > --federation.max_loss={self.args.max_loss:g}"
+                self.fabric.print(f"fedhb: warning: round {rnd}: client {c} excluded from aggregation ({failed[c]})")
+        ok = [c for c in plan.reporting if c not in failed]
+        if len(ok) < plan.min_clients:
             raise RuntimeError(
                 f"round {rnd}: {len(ok)} usable client updates ({len(failed)} failed: {failed}), fewer than "
                 f"--federation.min_clients={self.args.min_clients}; the run stops rather than aggregate too few. "
                 f"Finished rounds are in the last checkpoint; lower --optim.lr if clients diverge."
             )
-        gathered = self.gather_uploads(reporting, uploads)
-        gathered = {c: gathered[c] for c in ok}
-        received: dict[int, State] = {}
-        if ok:
-            received = self.algorithm.aggregate(gathered, {c: self.num_train[c] for c in ok})
-            self.last_aggregation = rnd
-        bytes_up = sum(state_bytes(gathered[c]) for c in ok)
-        del uploads, gathered
+        if self.fabric.world_size == 1:
+            # One process: the uploads themselves (apply detaches what it writes back into client states).
+            uploads = {c: trained.uploads[c] for c in ok}
+        else:
+            gathered = self.comm.states(plan.reporting, trained.uploads, self.upload_layouts)
+            uploads = {c: gathered[c] for c in ok}
+        return status, failed, uploads
+
+    # -- 4. aggregate ---------------------------------------------------------------------------------------------
+    def aggregate(self, rnd: int, uploads: dict[int, State]) -> Aggregate:
+        if not uploads:
+            return Aggregate({})
+        result = Aggregate.of(self.algorithm.aggregate(uploads, {c: self.num_train[c] for c in uploads}))
+        self.last_aggregation = rnd
+        if result.catch_up_bytes is not None:
+            self.catch_up_bytes = result.catch_up_bytes
+        return result
+
+    # -- 5. apply -------------------------------------------------------------------------------------------------
+    def apply(self, rnd: int, result: Aggregate) -> int:
+        """Write what each client received into its state and merge any backbone update; returns the bytes the
+        clients downloaded."""
+        received = result.received
         if self.fabric.world_size == 1:
             # Uploads passed through uncopied, so an aggregate may hand back a client's own state tensors: detach
             # those from the states before anything is written into them in place.
@@ -372,34 +357,69 @@ class FederatedLoop:
             self.synced[cid] = rnd
             if cid in self.states:
                 store(self.states[cid], state, self.pin_states)
-        bytes_down = sum(self.algorithm.download_bytes(s) for s in received.values()) + sync_bytes
+        if result.backbone:
+            self.backbone_update = dict(result.backbone)
+            self.backbone.merge(self.backbone_update)
+        if result.bytes_down is not None:
+            return sum(result.bytes_down[c] for c in received)
+        return sum(state_bytes(s) for s in received.values())
+
+    # -- one round ------------------------------------------------------------------------------------------------
+    def run_round(self, rnd: int) -> RoundResult:
+        start = time.perf_counter()
+        plan = self.select(rnd)
+        trained = self.train(rnd, plan)
+        status, failed, uploads = self.gather(rnd, plan, trained)
+        bytes_up = sum(state_bytes(u) for u in uploads.values())
+        del trained.uploads
+        result = self.aggregate(rnd, uploads)
+        del uploads
+        bytes_down = self.apply(rnd, result) + trained.sync_bytes
         self.bytes_total += bytes_up + bytes_down
         # Clients without training samples (Centralized pools all data on one) did not train: no loss to average.
-        trained = [c for c in ok if self.num_train[c] > 0]
-        train_loss = (float(np.average([float(info[c][0]) for c in trained],
-                                       weights=[self.num_train[c] for c in trained])) if trained else math.nan)
-        result = RoundResult(rnd, selected, train_loss, bytes_up, bytes_down, 0.0, compute, failed, sorted(dropped))
+        losses = [c for c in plan.reporting if c not in failed and self.num_train[c] > 0]
+        train_loss = (float(np.average([status[c].loss for c in losses], weights=[self.num_train[c] for c in losses]))
+                      if losses else math.nan)
+        out = RoundResult(rnd, plan.selected, train_loss, bytes_up, bytes_down, 0.0, trained.compute_s, failed,
+                          sorted(plan.dropped))
+        compute = trained.compute_s
         if rnd % self.args.eval_every == 0 or rnd == self.args.rounds:
             t = time.perf_counter()
-            result.metrics = self.evaluate(rnd, early if fhbench else None)
+            out.metrics = self.evaluate(rnd, trained.early if self.args.eval_protocol == "fhbench" else None)
             compute += time.perf_counter() - t
-        result.compute_s = float(self._sum_over_ranks(compute))
-        result.time_s = time.perf_counter() - start
+        out.compute_s = self.comm.sum(compute)
+        out.time_s = time.perf_counter() - start
         self.round = rnd
-        return result
+        return out
 
-    def _sum_over_ranks(self, value: float) -> float:
-        if self.fabric.world_size == 1:
-            return value
-        return float(self.fabric.all_reduce(torch.tensor(value, dtype=torch.float64), reduce_op="sum"))
+    # -- 6. evaluate ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, index: np.ndarray) -> tuple[Tensor, Tensor]:
+        self.module.eval()
+        outputs, targets = [], []
+        for start in range(0, len(index), self.args.eval_batch_size):
+            rows = torch.from_numpy(index[start:start + self.args.eval_batch_size])
+            batch = {k: self.fabric.to_device(v[rows]) for k, v in self.tensors.items()}
+            with self.fabric.autocast():  # --fabric.precision: Fabric applies it to forward() only
+                outputs.append(self.module.validation_step(batch).float().cpu())
+            targets.append(batch["labels"].cpu())
+        if not outputs:
+            last = list(self.client_module.head.modules())[-1]
+            return torch.zeros(0, int(getattr(last, "out_features", 0))), self.tensors["labels"][:0]
+        return torch.cat(outputs), torch.cat(targets)
 
-    # -- evaluation -----------------------------------------------------------------------------------------------
+    def score_client(self, cid: int, split: str) -> Tensor:
+        """Client ``cid``'s score vector (the task's) on one of its splits, under the model loaded now."""
+        outputs, targets = self.predict(getattr(self.splits[cid], split))
+        return self.task.score(outputs, targets)
+
     def _fhbench_row(self, cid: int) -> Tensor:
         val, test = self.score_client(cid, "val"), self.score_client(cid, "test")
+        pick = self.task.score_names.index(self.task.selection_score)
         best = self.best_val.get(cid)
-        if best is None or val.acc > best[0]:
-            self.best_val[cid] = (val.acc, test)
-        return self.best_val[cid][1].as_tensor()
+        if best is None or float(val[pick]) > best[0]:
+            self.best_val[cid] = (float(val[pick]), test)
+        return self.best_val[cid][1]
 
     def evaluate(self, rnd: int, early: dict[int, Tensor] | None = None) -> dict[str, Any]:
         """Each client's own model on its own test split and, if there is one, the global model on their union."""
@@ -407,64 +427,53 @@ class FederatedLoop:
         for cid in self.mine:
             if early is not None:
                 best = self.best_val.get(cid)
-                rows[cid] = early[cid] if cid in early else (best[1].as_tensor() if best else ClientScores.empty())
+                rows[cid] = early[cid] if cid in early else (best[1] if best else self.task.empty_score())
                 continue
             self.load(self.algorithm.personalized_model(self.states[cid]))
-            rows[cid] = self.score_client(cid, "test").as_tensor()
-        scores = {c: ClientScores.from_tensor(r) for c, r in
-                  self.gather_rows(list(range(self.num_clients)), rows, ClientScores.width).items()}
-        valid = {c: s for c, s in scores.items() if s.n > 0}
-        acc = [s.acc for s in valid.values()]
-        metrics: dict[str, Any] = {
-            "personalized_acc": float(np.mean(acc)) if acc else math.nan,
-            "worst_client_acc": float(np.min(acc)) if acc else math.nan,
-            "personalized_f1": float(np.nanmean([s.f1 for s in valid.values()])) if acc else math.nan,
-            "personalized_auroc": _nanmean([s.auroc for s in valid.values()]),
-            "global_acc": None,
-            "global_f1": None,
-            "client_acc": {str(c): round(s.acc, 6) for c, s in sorted(scores.items())},
-        }
+            rows[cid] = self.score_client(cid, "test")
+        scores = self.comm.rows(list(range(self.num_clients)), rows, self.task.width)
+        metrics = self.task.reduce(scores)
         glob = self.algorithm.global_state() if self.algorithm.has_global_model else None
+        stats = None
         if glob is not None:
-            confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64)
-            full = {**self.client_module.get_state(), **glob}
-            self.load(full)
+            self.load({**self.client_module.get_state(), **glob})
             for cid in self.mine:
-                logits, labels = self.predict(self.splits[cid].test)
-                confusion += confusion_matrix(logits, labels, self.task, self.num_classes)
-            confusion = self.gather_sum(confusion)
-            metrics["global_acc"], metrics["global_f1"] = confusion_scores(confusion)
-        return metrics
+                part = self.task.global_stats(*self.predict(self.splits[cid].test))
+                stats = part if stats is None else stats + part
+            if stats is None:  # this rank holds no client: contribute zeros of the statistic's shape
+                stats = self.task.global_stats(*self.predict(np.zeros(0, dtype=np.int64)))
+            stats = self.comm.sum_tensor(stats)
+        return {**metrics, **self.task.global_metrics(stats)}
 
-    def gather_sum(self, tensor: Tensor) -> Tensor:
-        if self.fabric.world_size == 1:
-            return tensor
-        return self.fabric.all_reduce(self.fabric.to_device(tensor), reduce_op="sum").cpu()
+    # -- 7. record ------------------------------------------------------------------------------------------------
+    def record(self, result: RoundResult) -> dict[str, Any] | None:
+        """Keep the round's failures until the next evaluated round; return its ``metrics.jsonl`` record if it was
+        evaluated."""
+        self.pending_failures += [{"round": result.round, "client": c, "reason": why} for c, why in
+                                  result.failed.items()]
+        self.pending_failures += [{"round": result.round, "client": c, "reason": DROPPED} for c in result.dropped]
+        if result.metrics is None:
+            return None
+        record = round_record(result.round, result.metrics, {
+            "train_loss": result.train_loss,
+            "bytes_up": result.bytes_up,
+            "bytes_down": result.bytes_down,
+            "bytes_total": self.bytes_total,
+            "round_time_s": round(result.time_s, 4),
+            "clients_trained": len(result.selected) - len(result.failed) - len(result.dropped),
+            "failures": self.pending_failures,
+        }, self.task.fields)
+        self.history.append(record)
+        self.pending_failures = []
+        return record
 
     # -- the run --------------------------------------------------------------------------------------------------
-    def run(self, on_round: Any = None) -> list[dict[str, Any]]:
+    def run(self, on_round: Callable[[RoundResult], None] | None = None) -> list[dict[str, Any]]:
         """Rounds ``self.round + 1 .. rounds``; ``on_round(result)`` is called on every rank after each."""
-        progress = _Progress(self.fabric, self.args.rounds, self.round, len(self.select(1)))
+        progress = _Progress(self.fabric, self.args.rounds, self.round, len(self.selected(1)))
         for rnd in range(self.round + 1, self.args.rounds + 1):
             result = self.run_round(rnd)
-            self.pending_failures += [{"round": rnd, "client": c, "reason": why} for c, why in result.failed.items()]
-            self.pending_failures += [{"round": rnd, "client": c, "reason": "dropped: did not report"}
-                                      for c in result.dropped]
-            if result.metrics is not None:
-                record = {
-                    "round": rnd,
-                    **{k: v for k, v in result.metrics.items() if k != "client_acc"},
-                    "train_loss": result.train_loss,
-                    "bytes_up": result.bytes_up,
-                    "bytes_down": result.bytes_down,
-                    "bytes_total": self.bytes_total,
-                    "round_time_s": round(result.time_s, 4),
-                    "clients_trained": len(result.selected) - len(result.failed) - len(result.dropped),
-                    "failures": self.pending_failures,
-                    "client_acc": result.metrics["client_acc"],
-                }
-                self.history.append(record)
-                self.pending_failures = []
+            self.record(result)
             progress.update(result)
             if on_round is not None:
                 on_round(result)
@@ -475,10 +484,11 @@ class FederatedLoop:
     def state_dict(self) -> dict[str, Any]:
         """The whole federation state, identical on every rank (a collective: every rank must call it)."""
         clients = self.gather_client_states()
-        empty = torch.full((1 + ClientScores.width,), math.nan, dtype=torch.float64)
-        best = {c: torch.cat([torch.tensor([self.best_val[c][0]], dtype=torch.float64),
-                              self.best_val[c][1].as_tensor()]) if c in self.best_val else empty for c in self.mine}
-        best_all = self.gather_rows(list(range(self.num_clients)), best, 1 + ClientScores.width)
+        width = 1 + self.task.width
+        empty = torch.full((width,), math.nan, dtype=torch.float64)
+        best = {c: torch.cat([torch.tensor([self.best_val[c][0]], dtype=torch.float64), self.best_val[c][1]])
+                if c in self.best_val else empty for c in self.mine}
+        best_all = self.comm.rows(list(range(self.num_clients)), best, width)
         return {
             "round": self.round,
             "clients": {str(c): s for c, s in sorted(clients.items())},
@@ -486,6 +496,8 @@ class FederatedLoop:
             "loop": {
                 "synced": torch.from_numpy(self.synced.copy()),
                 "last_aggregation": self.last_aggregation,
+                "catch_up_bytes": -1 if self.catch_up_bytes is None else self.catch_up_bytes,
+                "backbone_update": self.backbone_update,
                 "bytes_total": self.bytes_total,
                 "history": self.history,
                 "pending_failures": self.pending_failures,
@@ -512,13 +524,18 @@ class FederatedLoop:
         self.round = int(state["round"])
         self.synced = loop["synced"].numpy().copy()
         self.last_aggregation = int(loop["last_aggregation"])
+        catch_up = int(loop["catch_up_bytes"])
+        self.catch_up_bytes = None if catch_up < 0 else catch_up
+        self.backbone_update = dict(loop["backbone_update"])
+        if self.backbone_update:
+            self.backbone.merge(self.backbone_update)
         self.bytes_total = int(loop["bytes_total"])
         self.history = list(loop["history"])
         self.pending_failures = list(loop["pending_failures"])
         self.best_val = {}
         for c, row in loop["best_val"].items():
             if int(c) in self.states:
-                self.best_val[int(c)] = (float(row[0]), ClientScores.from_tensor(row[1:]))
+                self.best_val[int(c)] = (float(row[0]), row[1:].clone())
         torch.set_rng_state(state["rng"]["torch"])
 
     def gather_client_states(self) -> dict[int, State]:
@@ -526,38 +543,17 @@ class FederatedLoop:
         if self.fabric.world_size == 1:
             return {c: dict(s) for c, s in self.states.items()}
         template = self.states[self.mine[0]] if self.mine else None
-        layout_src = self.fabric.broadcast([(k, tuple(v.shape), v.dtype) for k, v in template.items()]
-                                          if template is not None and self.fabric.global_rank == 0 else None, src=0)
+        layout_src = self.comm.broadcast([(k, tuple(v.shape), v.dtype) for k, v in template.items()]
+                                         if template is not None and self.fabric.global_rank == 0 else None, src=0)
         layout = [(k, torch.Size(s), d) for k, s, d in layout_src]
-        return self.gather_states(list(range(self.num_clients)), self.states, dict.fromkeys(range(self.num_clients),
-                                                                                             layout))
-
-
-def confusion_matrix(logits: Tensor, labels: Tensor, task: str, num_classes: int) -> Tensor:
-    """``(C, C)`` counts, true class by row (multi-label: per-label TP on the diagonal is not defined; use argmax of the
-    first positive label as the class, which keeps global accuracy comparable)."""
-    if task == "multi-label":
-        pred = (logits > 0).long()
-        labels = labels.long()
-        cm = torch.zeros(num_classes, num_classes, dtype=torch.float64)
-        for j in range(num_classes):
-            cm[j, j] += float(((pred[:, j] == 1) & (labels[:, j] == 1)).sum())
-            cm[j, (j + 1) % num_classes] += float(((pred[:, j] == 0) & (labels[:, j] == 1)).sum())
-        return cm
-    pred = logits.argmax(1)
-    idx = labels.long() * num_classes + pred
-    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes).double()
-
-
-def _nanmean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else math.nan
+        return self.comm.states(list(range(self.num_clients)), self.states, dict.fromkeys(range(self.num_clients),
+                                                                                          layout))
 
 
 class _Progress:
     """A tqdm bar on a terminal, one plain line per round otherwise (SLURM logs). Rank 0 only."""
 
-    def __init__(self, fabric: Any, rounds: int, done: int, clients: int) -> None:
+    def __init__(self, fabric: Fabric, rounds: int, done: int, clients: int) -> None:
         self.enabled = fabric.global_rank == 0
         self.start = time.perf_counter()
         self.rounds, self.done, self.clients = rounds, done, clients

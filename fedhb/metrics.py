@@ -1,4 +1,5 @@
-"""Classification metrics (torchmetrics) and their compact per-client form for collectives."""
+"""Classification metrics (torchmetrics) and their compact per-client form for collectives; used by
+:class:`fedhb.tasks.classification.Classification`."""
 
 from __future__ import annotations
 
@@ -84,3 +85,19 @@ def confusion_scores(confusion: Tensor) -> tuple[float, float]:
     seen = denom > 0
     f1 = float((2 * tp[seen] / denom[seen]).mean())
     return acc, f1
+
+
+def confusion_matrix(logits: Tensor, labels: Tensor, task: str, num_classes: int) -> Tensor:
+    """``(C, C)`` counts, true class by row (multi-label: per-label TP on the diagonal is not defined; use argmax of the
+    first positive label as the class, which keeps global accuracy comparable)."""
+    if task == "multi-label":
+        pred = (logits > 0).long()
+        labels = labels.long()
+        cm = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+        for j in range(num_classes):
+            cm[j, j] += float(((pred[:, j] == 1) & (labels[:, j] == 1)).sum())
+            cm[j, (j + 1) % num_classes] += float(((pred[:, j] == 0) & (labels[:, j] == 1)).sum())
+        return cm
+    pred = logits.argmax(1)
+    idx = labels.long() * num_classes + pred
+    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes).double()

@@ -8,7 +8,10 @@ finished without a usable final evaluation, are listed with the reason and never
 Numbers come from the final evaluated round of each run (``summary.json``'s ``final`` record, which is the last line of
 ``metrics.jsonl``), bytes and wall time from the summary. Runs of one dataset and algorithm whose configs differ in
 anything but the seed, the output folder, the data location, devices and checkpointing are kept apart, labelled by
-the options that differ, so that two settings are never silently averaged.
+the options that differ, so that two settings are never silently averaged; a run with the options and seed of another
+(a copy in a second folder) is listed as a duplicate, not counted as a second seed. In the figures each setting is a
+short name (``EPFL-a``) that the table spells out, and the legend sits below the plot, so 1 to 20 settings stay
+readable.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from typing import Any
 import numpy as np
 import yaml
 
+from fedhb.config import is_result_neutral
 from fedhb.io import read_jsonl, write_atomic
+from fedhb.record import Field, final_keys, report_columns
 
 #: Written by ``benchmarks/fhbench/grid.py`` when a cell fails; its last line is the error.
 GRID_ERROR = "grid_error.txt"
@@ -34,29 +39,11 @@ GRID_ERROR = "grid_error.txt"
 RUN_MARKERS = ("summary.json", "metrics.jsonl", "config.yaml", GRID_ERROR)
 
 
-@dataclass(frozen=True)
-class Metric:
-    """One column of the table: where its value comes from and which way is better."""
-
-    key: str
-    title: str
-    higher_is_better: bool
-    kind: str  # "fraction" (shown in %), "bytes" or "seconds"
-
-
-METRICS = (
-    Metric("personalized_acc", "personalized acc (%)", True, "fraction"),
-    Metric("worst_client_acc", "worst-client acc (%)", True, "fraction"),
-    Metric("global_acc", "global acc (%)", True, "fraction"),
-    Metric("personalized_f1", "macro F1 (%)", True, "fraction"),
-    Metric("bytes_total", "communicated", False, "bytes"),
-    Metric("wall_time_s", "wall time", False, "seconds"),
-)
-
-#: Config entries that do not change a run's numbers (or are the seed, over which runs are averaged).
-_NOT_A_SETTING = ("out_dir", "seed", "overwrite", "resume", "data.root", "data.download", "fabric.accelerator",
-                  "fabric.devices", "fabric.num_nodes", "fabric.strategy", "checkpoint.",
-                  "federation.eval_batch_size")
+#: The table's columns: the recorded fields with a report title (:mod:`fedhb.record`), in its report order.
+METRICS = report_columns()
+Metric = Field
+#: Whole-run values, read from ``summary.json`` rather than its final round.
+_SUMMARY_KEYS = tuple(f.key for f in METRICS if f.summary)
 
 
 @dataclass
@@ -65,7 +52,7 @@ class Run:
 
     path: Path
     status: str
-    """``finished``, ``unfinished`` or ``failed``."""
+    """``finished``, ``unfinished``, ``failed`` or ``duplicate`` (same options and seed as another run)."""
     reason: str = ""
     summary: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
@@ -88,7 +75,7 @@ class Run:
 
     def value(self, key: str) -> float:
         """The run's final value of a metric (NaN where it is not defined, e.g. global accuracy of Local)."""
-        source = self.summary if key in ("bytes_total", "wall_time_s") else (self.summary.get("final") or {})
+        source = self.summary if key in _SUMMARY_KEYS else (self.summary.get("final") or {})
         value = source.get(key)
         return float(value) if isinstance(value, (int, float)) else math.nan
 
@@ -101,10 +88,17 @@ class Group:
     algorithm: str
     setting: str
     runs: list[Run]
+    short: str = ""
+    """The group's name in its dataset's figures and table: the algorithm, plus a letter when the algorithm ran in
+    several settings (``EPFL-a``); the table spells out each letter's options."""
 
     @property
     def label(self) -> str:
         return f"{self.algorithm} ({self.setting})" if self.setting else self.algorithm
+
+    @property
+    def name(self) -> str:
+        return self.short or self.algorithm
 
     def values(self, key: str) -> np.ndarray:
         return np.array([r.value(key) for r in self.runs], dtype=np.float64)
@@ -198,8 +192,7 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def setting(config: dict[str, Any]) -> dict[str, Any]:
     """The options of a run that can change its numbers, flattened to dotted names, seed excluded."""
-    return {k: v for k, v in _flatten(config).items()
-            if not any(k == skip or (skip.endswith(".") and k.startswith(skip)) for skip in _NOT_A_SETTING)}
+    return {k: v for k, v in _flatten(config).items() if k != "seed" and not is_result_neutral(k)}
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
@@ -217,10 +210,42 @@ def group_runs(runs: list[Run]) -> list[Group]:
         for run, s in zip(pair_runs, settings):
             label = ", ".join(f"{k}={s.get(k)}" for k in differing)
             split.setdefault(label, []).append(run)
-        for label, members in sorted(split.items()):
+        ordered = sorted(split.items())
+        for k, (label, members) in enumerate(ordered):
             members.sort(key=lambda r: (str(r.seed), str(r.path)))
-            groups.append(Group(dataset, algorithm, label, members))
+            short = f"{algorithm}-{_letters(k)}" if len(ordered) > 1 else algorithm
+            groups.append(Group(dataset, algorithm, label, members, short))
     return groups
+
+
+def _letters(k: int) -> str:
+    """a, b, ..., z, aa, ab, ...: the settings of one algorithm, in the table's order."""
+    word = ""
+    k += 1
+    while k:
+        k, rest = divmod(k - 1, 26)
+        word = chr(ord("a") + rest) + word
+    return word
+
+
+def mark_duplicates(runs: list[Run]) -> list[Run]:
+    """Finished runs of the same dataset, algorithm, options and seed as an earlier one (by path), marked
+    ``duplicate`` so that they are listed, not averaged: a copy of a run would count as a second seed and shrink the
+    standard deviation towards 0."""
+    first: dict[str, Run] = {}
+    marked = []
+    for run in sorted(runs, key=lambda r: str(r.path)):
+        if run.status != "finished":
+            continue
+        key = json.dumps([run.dataset, run.algorithm, str(run.seed), setting(run.config)], sort_keys=True, default=str)
+        if key in first:
+            run.status = "duplicate"
+            run.reason = (f"same dataset, algorithm, options and seed ({run.seed}) as `{_shown(first[key].path)}`, "
+                          "which is averaged instead")
+            marked.append(run)
+        else:
+            first[key] = run
+    return marked
 
 
 # -- the table ------------------------------------------------------------------------------------------------------
@@ -236,7 +261,7 @@ def summarize(groups: list[Group]) -> list[dict[str, Any]]:
     """One row per group: mean and std of every metric, and the metrics in which the row is best in its dataset."""
     rows = []
     for g in groups:
-        row: dict[str, Any] = {"dataset": g.dataset, "algorithm": g.algorithm, "setting": g.setting,
+        row: dict[str, Any] = {"dataset": g.dataset, "algorithm": g.algorithm, "setting": g.setting, "label": g.name,
                                "runs": len(g.runs), "seeds": " ".join(str(r.seed) for r in g.runs)}
         for m in METRICS:
             row[f"{m.key}_mean"], row[f"{m.key}_std"] = _mean_std(g.values(m.key))
@@ -286,26 +311,30 @@ def _shown(path: Path) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], groups: list[Group], excluded: list[Run], figures: dict[str, list[Path]],
-             out: Path, sources: list[str]) -> str:
+             out: Path, sources: list[str], metric: str = "personalized_acc") -> str:
     lines = ["# fedhb report", "",
              f"{sum(len(g.runs) for g in groups)} finished runs in {len(groups)} groups, from "
              f"{', '.join(f'`{s}`' for s in sources)}. Each cell is the mean ± sample standard deviation over seeds of "
              "the run's final evaluated round; **bold** is the best in its dataset (highest accuracy and F1, fewest "
-             "bytes, shortest wall time). Global accuracy is defined only for methods with one global model.", ""]
+             "bytes, shortest wall time). Global accuracy is defined only for methods with one global model. An "
+             "algorithm run with several settings appears once per setting (`EPFL-a`, `EPFL-b`, the names in the "
+             "figures), with the options that differ.", ""]
     for dataset in sorted({r["dataset"] for r in rows}):
         lines += [f"## {dataset}", "",
-                  "| algorithm | seeds | " + " | ".join(m.title for m in METRICS) + " |",
-                  "|---|---|" + "---:|" * len(METRICS)]
+                  "| run | options | seeds | " + " | ".join(str(m.title) for m in METRICS) + " |",
+                  "|---|---|---|" + "---:|" * len(METRICS)]
         for row in (r for r in rows if r["dataset"] == dataset):
-            label = f"{row['algorithm']} ({row['setting']})" if row["setting"] else row["algorithm"]
             cells = []
             for m in METRICS:
                 text = _cell(m, row[f"{m.key}_mean"], row[f"{m.key}_std"])
                 cells.append(f"**{text}**" if m.key in row["best"] else text)
-            lines.append(f"| {label} | {row['runs']} | " + " | ".join(cells) + " |")
+            options = row["setting"].replace("|", "/") or "—"
+            lines.append(f"| {row['label']} | {options} | {row['runs']} | " + " | ".join(cells) + " |")
         lines.append("")
         for png in figures.get(dataset, []):
             lines += [f"![{png.stem.replace('_', ' ')}]({png.relative_to(out)})", ""]
+        if not figures.get(dataset):
+            lines += [f"No figure: no run of {dataset} records `{metric}` in its metrics.jsonl.", ""]
     if excluded:
         lines += ["## Runs not averaged", "", "| run | status | why |", "|---|---|---|"]
         lines += [f"| `{_shown(r.path)}` | {r.status} | {r.reason.replace('|', '/')} |" for r in excluded]
@@ -314,14 +343,14 @@ def markdown(rows: list[dict[str, Any]], groups: list[Group], excluded: list[Run
               "|---|---|---|---:|---|"]
     for g in groups:
         for r in g.runs:
-            lines.append(f"| {g.dataset} | {g.label} | {r.seed} | {100 * r.value('personalized_acc'):.2f} | "
+            lines.append(f"| {g.dataset} | {g.name} | {r.seed} | {100 * r.value('personalized_acc'):.2f} | "
                          f"`{_shown(r.path)}` |")
     return "\n".join(lines) + "\n"
 
 
 def table_csv(rows: list[dict[str, Any]]) -> str:
     """Raw numbers (accuracies as fractions, bytes, seconds); empty where undefined."""
-    columns = ["dataset", "algorithm", "setting", "runs", "seeds"]
+    columns = ["dataset", "algorithm", "setting", "label", "runs", "seeds"]
     columns += [f"{m.key}_{stat}" for m in METRICS for stat in ("mean", "std")] + ["best"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, columns, lineterminator="\n")
@@ -354,47 +383,120 @@ def _save(fig: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def plot_dataset(groups: list[Group], metric: str, out: Path, colors: dict[str, Any]) -> list[Path]:
-    """``{dataset}_{metric}_vs_round.png`` and ``..._vs_bytes.png``: mean over seeds with a ±1 std band."""
-    # Figure without pyplot: no global backend switch inside a user's notebook or script.
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
+#: Figure width (inches). Its height grows with the legend, which sits below the axes, so that neither the curves nor
+#: the plotting area give way to it whatever the number of runs.
+_WIDTH = 7.2
 
-    dataset = groups[0].dataset
-    pretty = metric.replace("_", " ")
+
+def line_styles(names: Sequence[str]) -> dict[str, tuple[Any, str, str]]:
+    """``{name: (colour, marker, line style)}``, all different for up to 20 names (then colours repeat dashed).
+
+    Ten distinct hues first (tab10); beyond ten, tab20's dark hues then its light ones, so neighbours differ.
+    """
+    from matplotlib import colormaps
+
+    if len(names) <= 10:
+        colours = [colormaps["tab10"](i) for i in range(10)]
+    else:
+        tab20 = colormaps["tab20"]
+        colours = [tab20(i) for i in range(0, 20, 2)] + [tab20(i) for i in range(1, 20, 2)]
+    markers, dashes = "osD^vP*Xph", ("-", "--", "-.", ":")
+    return {name: (colours[i % len(colours)], markers[i % len(markers)], dashes[(i // len(colours)) % len(dashes)])
+            for i, name in enumerate(names)}
+
+
+def _value_limits(lo: float, hi: float, percent: bool) -> tuple[float, float]:
+    """The y range: the data with a margin, at least 5 points wide for percentages (a flat curve at 81.3 % gets
+    ticks a point apart, not 0.01 apart) and within [0, 100] for them."""
+    floor = 5.0 if percent else max(abs(hi), abs(lo), 1e-12) * 0.1
+    if hi - lo < floor:
+        middle = (hi + lo) / 2
+        lo, hi = middle - floor / 2, middle + floor / 2
+    margin = 0.06 * (hi - lo)
+    lo, hi = lo - margin, hi + margin
+    if percent:
+        if lo < 0:
+            lo, hi = 0.0, min(100.0, hi - lo)
+        if hi > 100:
+            lo, hi = max(0.0, lo - (hi - 100)), 100.0
+    return lo, hi
+
+
+def dataset_figure(groups: list[Group], metric: str, x_name: str,
+                   styles: dict[str, tuple[Any, str, str]]) -> Any | None:
+    """The mean over seeds of ``metric`` for each group against ``x_name`` (``round`` or ``bytes``, cumulative),
+    with a ±1 std band; ``None`` when no group records the metric."""
+    # Figure without pyplot: no global backend switch inside a user's notebook or script.
+    import textwrap
+    import warnings
+
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
+
     percent = metric.endswith(("acc", "f1", "auroc"))
     scale = 100.0 if percent else 1.0
+    drawn = []
+    for g in groups:
+        rounds, values, sent = curves(g, metric)
+        if len(rounds) == 0 or np.isnan(values).all():
+            continue
+        with warnings.catch_warnings():  # a round no seed evaluated is NaN, not a warning
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(values, axis=0) * scale
+            std = np.nanstd(values, axis=0, ddof=1) * scale if values.shape[0] > 1 else np.zeros_like(mean)
+        drawn.append((g, rounds if x_name == "round" else sent, mean, np.nan_to_num(std), values.shape[0]))
+    if not drawn:
+        return None
+    labels = [f"{g.name} (n={n})" for g, *_, n in drawn]
+    # Legend columns from the longest label (about 0.075 in per character at the small font, plus the line sample).
+    columns = max(1, min(len(labels), int(_WIDTH // (0.075 * max(map(len, labels)) + 0.7))))
+    rows = -(-len(labels) // columns)
+    fig = Figure(figsize=(_WIDTH, 4.0 + 0.22 * rows), layout="constrained")
+    ax = fig.add_subplot()
+    for (g, x, mean, std, _), label in zip(drawn, labels):
+        colour, marker, dash = styles[g.name]
+        ax.plot(x, mean, color=colour, linestyle=dash, marker=marker if len(x) < 30 else None, markersize=4,
+                label=label)
+        if np.any(std > 0):
+            ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.15, linewidth=0)
+    lows = [np.nanmin(mean - std) for _, _, mean, std, _ in drawn]
+    highs = [np.nanmax(mean + std) for _, _, mean, std, _ in drawn]
+    ax.set_ylim(*_value_limits(float(min(lows)), float(max(highs)), percent))
+    xs = np.unique(np.concatenate([x for _, x, *_ in drawn]))
+    if x_name == "round":
+        ax.set_xlabel("round")
+        if len(xs) <= 12:
+            ax.xaxis.set_major_locator(FixedLocator(xs.tolist()))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    else:
+        ax.set_xlabel("cumulative bytes communicated (up + down)")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: human_bytes(v)))
+        ax.xaxis.set_major_locator(FixedLocator(xs.tolist()) if len(xs) <= 3 else MaxNLocator(nbins=5))
+    if xs[0] == xs[-1]:  # one x value: centre it instead of letting matplotlib spread ticks over a tiny interval
+        pad = max(abs(float(xs[0])) * 0.1, 1.0)
+        ax.set_xlim(float(xs[0]) - pad, float(xs[0]) + pad)
+    pretty = metric.replace("_", " ")
+    ax.set_ylabel(f"{pretty} (%)" if percent else pretty)
+    dataset = groups[0].dataset
+    ax.set_title(textwrap.fill(f"{dataset}: {pretty} by {'round' if x_name == 'round' else 'bytes sent'}", 70),
+                 loc="left")
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside lower center", ncols=columns, fontsize="small", frameon=False,
+               title="mean ± std over n seeds; options of each run in report.md", title_fontsize="small")
+    return fig
+
+
+def plot_dataset(groups: list[Group], metric: str, out: Path,
+                 styles: dict[str, tuple[Any, str, str]] | None = None) -> list[Path]:
+    """``{dataset}_{metric}_vs_round.png`` and ``..._vs_bytes.png`` (see :func:`dataset_figure`)."""
+    styles = styles or line_styles([g.name for g in groups])
     written = []
     for x_name in ("round", "bytes"):
-        fig = Figure(figsize=(6.4, 4.2), layout="constrained")
-        ax = fig.add_subplot()
-        plotted = 0
-        for g in groups:
-            rounds, values, sent = curves(g, metric)
-            if len(rounds) == 0 or np.isnan(values).all():
-                continue
-            mean = np.nanmean(values, axis=0) * scale
-            x = rounds if x_name == "round" else sent
-            color = colors[g.label]
-            ax.plot(x, mean, marker="o" if len(x) < 30 else None, markersize=3, color=color,
-                    label=f"{g.label} (n={values.shape[0]})")
-            if values.shape[0] > 1:
-                std = np.nanstd(values, axis=0, ddof=1) * scale
-                ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
-            plotted += 1
-        if not plotted:
+        fig = dataset_figure(groups, metric, x_name, styles)
+        if fig is None:
             continue
-        if x_name == "round":
-            ax.set_xlabel("round")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        else:
-            ax.set_xlabel("cumulative bytes communicated (up + down)")
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: human_bytes(v)))
-        ax.set_ylabel(f"{pretty} (%)" if percent else pretty)
-        ax.set_title(f"{dataset}: {pretty} against {x_name} (mean ± std over seeds)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-        path = out / f"{dataset}_{metric}_vs_{x_name}.png"
+        path = out / f"{groups[0].dataset}_{metric}_vs_{x_name}.png"
         _save(fig, path)
         written.append(path)
     return written
@@ -423,25 +525,41 @@ def write_report(runs: Sequence[str | Path], out: str | Path = "report", metric:
         raise ValueError(f"fedhb report: no run folder under {', '.join(map(str, runs))} (a run folder holds the "
                          "summary.json, metrics.jsonl and config.yaml that fedhb fit writes)")
     loaded = [load_run(p) for p in found]
+    mark_duplicates(loaded)
     groups = group_runs(loaded)
     excluded = [r for r in loaded if r.status != "finished"]
     if not groups:
         listing = "; ".join(f"{_shown(r.path)}: {r.status}, {r.reason}" for r in excluded[:5])
         raise ValueError(f"fedhb report: none of the {len(loaded)} runs found has finished ({listing})")
+    check_metric(metric, [r for g in groups for r in g.runs])
     rows = summarize(groups)
     out.mkdir(parents=True, exist_ok=True)
-    labels = sorted({g.label for g in groups})
-    from matplotlib import colormaps
-
-    palette = colormaps["tab10"]
-    colors = {label: palette(i % palette.N) for i, label in enumerate(labels)}
     figures: dict[str, list[Path]] = {}
     for dataset in sorted({g.dataset for g in groups}):
-        figures[dataset] = plot_dataset([g for g in groups if g.dataset == dataset], metric, out, colors)
+        figures[dataset] = plot_dataset([g for g in groups if g.dataset == dataset], metric, out)
     write_atomic(out / "report.csv", table_csv(rows))
-    write_atomic(out / "report.md", markdown(rows, groups, excluded, figures, out, [str(r) for r in runs]))
+    write_atomic(out / "report.md", markdown(rows, groups, excluded, figures, out, [str(r) for r in runs], metric))
     files = [out / "report.md", out / "report.csv"] + [p for ps in figures.values() for p in ps]
     return Report(groups, rows, excluded, files)
+
+
+def recorded_metrics(runs: Sequence[Run]) -> list[str]:
+    """The numeric keys of the runs' ``metrics.jsonl`` records (what ``--metric`` can plot), sorted."""
+    keys = {k for r in runs for rec in r.history for k, v in rec.items()
+            if k != "round" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return sorted(keys)
+
+
+def check_metric(metric: str, runs: Sequence[Run]) -> None:
+    """Refuse a ``--metric`` that none of ``runs`` records, naming the closest one and those that exist."""
+    import difflib
+
+    known = recorded_metrics(runs)
+    if metric in known:
+        return
+    close = difflib.get_close_matches(metric, known, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]}?" if close else "."
+    raise ValueError(f"--metric {metric}: no run records it{hint} The runs record: {', '.join(known) or 'nothing'}")
 
 
 def report(runs: list[str], out: str = "report", metric: str = "personalized_acc", overwrite: bool = False) -> None:
@@ -454,13 +572,17 @@ def report(runs: list[str], out: str = "report", metric: str = "personalized_acc
         runs: Run folders, or folders that hold run folders at any depth (given as positional arguments).
         out: Folder for ``report.md``, ``report.csv`` and the figures.
         metric: The metric plotted against round and against bytes communicated (a key of ``metrics.jsonl``:
-            ``personalized_acc``, ``worst_client_acc``, ``global_acc``, ``personalized_f1``, ...).
+            ``personalized_acc``, ``worst_client_acc``, ``global_acc``, ``personalized_f1``, ...); a key no run
+            records is refused.
         overwrite: Replace an earlier report in ``out``.
     """
     result = write_report(runs, out, metric, overwrite)
     finished = sum(len(g.runs) for g in result.groups)
+    duplicates = sum(r.status == "duplicate" for r in result.excluded)
     print(f"fedhb report: {finished} finished runs in {len(result.groups)} groups"
           + (f", {len(result.excluded)} not averaged (listed in report.md)" if result.excluded else "")
+          + (f", of which {duplicates} duplicate{'s' if duplicates > 1 else ''} of another run (same options and seed)"
+             if duplicates else "")
           + f"; wrote {', '.join(str(p) for p in result.files)}")
 
 
@@ -495,11 +617,65 @@ def runs_as_options(argv: list[str]) -> list[str]:
 
 
 # -- TensorBoard ----------------------------------------------------------------------------------------------------
+#: The value of an HParams text column for a run that does not have the option (a FedAvg run's ``algorithm.lam``);
+#: number columns get NaN.
+NOT_APPLICABLE = "n/a"
+
+
+def hparam_columns() -> dict[str, str]:
+    """Every option of every registered algorithm and dataset, as ``{"algorithm.lam": "number", "data.flag": "text",
+    ...}``: the columns that each run logs, whether it has the option or not.
+
+    TensorBoard's HParams tab takes its columns from the first run it reads; with the same columns, logged with the
+    same type, in every run, any mix of runs compares. A column is a number when every option of that name is
+    annotated ``int`` or ``float`` (``None`` allowed), else text (``algorithm.layers`` is EPFL's ``all`` and FedALA's
+    ``2``). Options that do not change a run's numbers (``data.root``) are left out, as in :func:`setting`.
+    """
+    from fedhb.registry import PLUGINS, init_options, known_plugins, plugin_class
+
+    kinds: dict[str, str] = {}
+    for key in PLUGINS:
+        for name in known_plugins(key):
+            for option, param in init_options(plugin_class(key, name)).items():
+                column = f"{key}.{option}"
+                if is_result_neutral(column):
+                    continue
+                kind = _column_kind(param)
+                kinds[column] = kind if kinds.get(column, kind) == kind else "text"
+    return dict(sorted(kinds.items()))
+
+
+def _column_kind(param: Any) -> str:
+    annotation = param.annotation
+    if not isinstance(annotation, str):
+        annotation = "" if annotation is param.empty else getattr(annotation, "__name__", str(annotation))
+    parts = {p.strip() for p in annotation.split("|")} - {"None"}
+    if parts and parts <= {"int", "float"}:
+        return "number"
+    default = param.default
+    if not parts and isinstance(default, (int, float)) and not isinstance(default, bool):
+        return "number"
+    return "text"
+
+
+def _hparam_value(value: Any, kind: str, present: bool) -> Any:
+    """A run's value in a column of ``kind``: a float (NaN where absent or ``None``) or text."""
+    if kind == "number":
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    if not present:
+        return NOT_APPLICABLE
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "none" if value is None else str(value)
+
+
 def tensorboard_hparams(config: dict[str, Any], summary: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
     """What a run shows in TensorBoard's HParams tab: its settings, and its final metrics under ``final/...``.
 
-    The settings are the same names for every algorithm (``partition.alpha``, ``optim.lr``, ...) plus the algorithm's
-    own options (``algorithm.lam``); lists become text, ``None`` becomes ``none``, so every value can be filtered on.
+    The settings are the same names for every algorithm (``partition.alpha``, ``optim.lr``, ...) plus every
+    registered algorithm's and dataset's options (:func:`hparam_columns`): a run's own options with their values, the
+    others as NaN (numbers) or ``n/a`` (text), so that every run has the same columns. Lists become text, ``None``
+    becomes ``none``, so every value can be filtered on.
     """
     params: dict[str, Any] = {"algorithm": summary["algorithm"], "dataset": summary["dataset"], "seed": summary["seed"]}
     for key, value in setting(config).items():
@@ -508,9 +684,8 @@ def tensorboard_hparams(config: dict[str, Any], summary: dict[str, Any]) -> tupl
         params[key] = "none" if value is None else value
     for key, value in (summary.get("algorithm_options") or {}).items():
         params.setdefault(f"algorithm.{key}", value)
+    for column, kind in hparam_columns().items():
+        params[column] = _hparam_value(params.get(column), kind, column in params)
     final = summary.get("final") or {}
-    metrics = {f"final/{k}": final.get(k) for k in ("personalized_acc", "worst_client_acc", "personalized_f1",
-                                                     "personalized_auroc", "global_acc", "global_f1")}
-    metrics["final/bytes_total"] = summary.get("bytes_total")
-    metrics["final/wall_time_s"] = summary.get("wall_time_s")
+    metrics = {f"final/{f.key}": (summary if f.summary else final).get(f.key) for f in final_keys()}
     return params, {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}

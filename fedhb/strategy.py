@@ -13,6 +13,7 @@ the main address, under ``torchrun`` ``TorchElasticEnvironment`` does. :func:`ma
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from lightning.fabric.accelerators import CUDAAccelerator, MPSAccelerator
@@ -92,6 +93,12 @@ def make_fabric(args: FabricArgs, loggers: list[Any] | None = None) -> Any:
     accelerator = resolve_accelerator(args.accelerator)
     per_node = processes_per_node(args, accelerator)
     check_slurm(args, per_node)
+    if accelerator == "cpu" and os.environ.get("LOCAL_RANK", "0") == "0":  # once per node, not once per process
+        from fedhb.resources import available_cores, cpu_oversubscription_warning
+
+        line = cpu_oversubscription_warning(per_node, available_cores())
+        if line is not None:
+            print(line, file=sys.stderr)
     strategy: Any = "auto"  # one process: Lightning's SingleDeviceStrategy
     if args.strategy in ("ddp", "ddp_spawn") or args.num_nodes > 1 or per_node > 1:
         # Never Lightning's own choice here: on several devices "auto" means DDP, whose gradient sync mixes clients.

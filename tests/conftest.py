@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import pytest
+
+from fedhb.config import FabricArgs, FederationArgs, ModelArgs, OptimArgs, PartitionArgs
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,3 +35,43 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(organamnist_root: str) -> Any:
+    """30% of the fixture's samples (stratified), loaded once."""
+    from fedhb.data import MedMNIST
+    from fedhb.data.partition import subsample
+
+    samples = MedMNIST(root=organamnist_root).load()
+    return samples.subset(subsample(samples.stratify_labels, 0.3, 0))
+
+
+@pytest.fixture
+def make_loop(tiny_data: Any) -> Any:
+    """``make_loop(algorithm, clients=3, ...)``: a FederatedLoop on one process, built like ``fedhb fit`` builds it.
+
+    ``model`` replaces the default ``ModelArgs()``; ``init(module)`` may change the module before the loop is built.
+    Rounds are run with ``loop.run_round(r)``; evaluation only happens in round ``rounds`` (default 100), so runs of a
+    few rounds compare training alone.
+    """
+    from fedhb.build import build_loop
+    from fedhb.data.partition import partition_samples
+    from fedhb.strategy import make_fabric
+
+    def build(algorithm: Any, clients: int = 3, seed: int = 0, rounds: int = 100, lr: float = 0.05,
+              optim: str = "sgd", local_epochs: int = 1, batch_size: int = 32, scheme: str = "dirichlet",
+              model: ModelArgs | None = None, init: Callable[[Any], None] | None = None) -> Any:
+        samples = tiny_data
+        partition = PartitionArgs(num_clients=clients, alpha=0.5, scheme=scheme, min_samples=10)
+        splits = partition_samples(samples, partition.scheme, clients, partition.alpha, partition.min_samples,
+                                   partition.split, seed, None)
+        optim_args = OptimArgs(name=optim, lr=lr, schedule="constant", min_lr=0.0)
+        fabric = make_fabric(FabricArgs(accelerator="cpu"))
+        federation = FederationArgs(rounds=rounds, eval_every=rounds, local_epochs=local_epochs,
+                                    batch_size=batch_size)
+        # init(module), e.g. copying another loop's initial weights, runs before Fabric sets the module up.
+        return build_loop(fabric, samples, splits, algorithm, model=model or ModelArgs(), federation=federation,
+                          optim=optim_args, seed=seed, init=init)
+
+    return build

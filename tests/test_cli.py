@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from fedhb.cli import main
+from fedhb.registry import known_plugins
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
 
@@ -83,3 +84,37 @@ def test_missing_data_file_exits_2_naming_the_file(tmp_path):
     assert result.returncode == 2
     assert str(tmp_path / "organamnist.npz") in result.stderr
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
+def test_a_wrong_algorithm_name_is_one_line_with_the_known_names(tmp_path):
+    result = fedhb("fit", "--data", "MedMNIST", "--algorithm", "FedAVG", "--out_dir", str(tmp_path / "x"))
+
+    assert result.returncode == 2
+    error, hint = result.stderr.strip().splitlines()  # not jsonargparse's usage block and Union listing
+    known = ", ".join(known_plugins("algorithm"))
+    assert error == f"fedhb: error: --algorithm: unknown algorithm 'FedAVG'; did you mean FedAvg? Known: {known}"
+    assert hint == "fedhb: run `fedhb fit --help` for every option"
+
+
+def test_the_known_names_are_the_registries_classes_without_their_bases():
+    import fedhb.algorithms
+    import fedhb.data
+
+    algorithms, datasets = known_plugins("algorithm"), known_plugins("data")
+
+    assert set(algorithms) == set(fedhb.algorithms.__all__) - {"Algorithm", "LocalTrainer"}
+    assert set(datasets) == set(fedhb.data.__all__) - {"FederatedDataset", "Samples"}
+
+
+def test_fedhb_warnings_print_as_one_line_before_the_error(organamnist_root, tmp_path, capsys):
+    """A partition that cannot be learned warns in fedhb's own format (not Python's two-line one); here a text
+    preset for image data then stops the run."""
+    with pytest.raises(SystemExit):
+        main(["fit", "--data", "MedMNIST", "--data.root", organamnist_root, "--partition.num_clients", "8",
+              "--partition.alpha", "0.05", "--model.backbone", "tiny-bert", "--out_dir", str(tmp_path / "x"),
+              "--fabric.accelerator", "cpu"])
+
+    warning, error = capsys.readouterr().err.strip().splitlines()
+    assert warning.startswith("fedhb: warning: partition: clients ") and "tested on classes absent" in warning
+    assert error.startswith("fedhb: error: --model.backbone 'tiny-bert' is a text preset, but this dataset holds "
+                            "images: pass an image preset (tiny-vit, small-vit)")

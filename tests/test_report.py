@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -18,8 +20,10 @@ ALGORITHMS = {"FedAvg": "fedhb.algorithms.fedavg.FedAvg", "Local": "fedhb.algori
 
 
 def write_run(folder, dataset, algorithm, seed, accs, bytes_per_round=1000, global_accs=None, wall=10.0,
-              finished=True, lam=None, rounds=None):
-    """A run folder as fedhb fit writes it: config.yaml, metrics.jsonl (one line per round) and summary.json."""
+              finished=True, lam=None, rounds=None, options=None):
+    """A run folder as fedhb fit writes it: config.yaml, metrics.jsonl (one line per round) and summary.json.
+
+    ``options`` sets more config entries by dotted name (``{"optim.lr": 0.1}``)."""
     folder.mkdir(parents=True)
     init = {} if lam is None else {"lam": lam}
     config = {"data": {"class_path": "fedhb.data.medmnist.MedMNIST",
@@ -27,6 +31,12 @@ def write_run(folder, dataset, algorithm, seed, accs, bytes_per_round=1000, glob
               "algorithm": {"class_path": ALGORITHMS[algorithm], "init_args": init},
               "out_dir": str(folder), "seed": seed, "partition": {"num_clients": 4, "alpha": 0.1},
               "federation": {"rounds": rounds or len(accs)}, "fabric": {"devices": 1 + seed % 2}}
+    for dotted, value in (options or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     records = []
     for t, acc in enumerate(accs, start=1):
@@ -123,9 +133,11 @@ def test_unfinished_and_failed_runs_are_listed_not_averaged(made):
     for name in ("unfinished", "diverged", "crashed"):
         assert name in section
     # Their 0.99 accuracy would have moved FedAvg's mean; it is 0.7 from the two finished seeds.
-    assert "| FedAvg | 2 | 70.00 ± 14.14 |" in text
-    assert "| Local | 2 | 80.00 ± 14.14 |" in text
-    assert "| EPFL (algorithm.lam=0.3) | 1 | **90.00** |" in text  # one seed: no std; bold as the best
+    assert "| FedAvg | — | 2 | 70.00 ± 14.14 |" in text
+    assert "| Local | — | 2 | 80.00 ± 14.14 |" in text
+    # The two EPFL settings are EPFL-a and EPFL-b in the figures; the table is the key to them.
+    assert "| EPFL-a | algorithm.lam=0.3 | 1 | **90.00** |" in text  # one seed: no std; bold as the best
+    assert "| EPFL-b | algorithm.lam=0.5 | 1 | 70.00 |" in text
 
 
 def test_figures_are_readable_pngs(made):
@@ -215,9 +227,121 @@ def test_hparams_are_the_settings_and_the_final_metrics():
 
     params, metrics = tensorboard_hparams(config, summary)
 
-    assert params == {"algorithm": "EPFL", "dataset": "organamnist", "seed": 1, "data.flag": "organamnist",
-                      "algorithm.lam": 0.3, "algorithm.layers": "all", "partition.alpha": 0.1,
-                      "partition.split": "[0.4, 0.3, 0.3]", "partition.group_by": "none"}
+    own = {"algorithm": "EPFL", "dataset": "organamnist", "seed": 1, "data.flag": "organamnist", "algorithm.lam": 0.3,
+           "algorithm.layers": "all", "partition.alpha": 0.1, "partition.split": "[0.4, 0.3, 0.3]",
+           "partition.group_by": "none"}
+    assert {k: params[k] for k in own} == own
+    # Every other registered option is a column too, neutral here: NaN for numbers, n/a for text.
+    assert math.isnan(params["algorithm.mu"]) and math.isnan(params["data.sampling_rate"])
+    assert params["data.pad"] == "n/a" and params["algorithm.distance"] == "n/a"
     assert metrics == {"final/personalized_acc": 0.5, "final/worst_client_acc": 0.25, "final/bytes_total": 10.0,
                        "final/wall_time_s": 2.5}
     assert "out_dir" not in setting(config) and "seed" not in setting(config)
+
+
+def test_every_run_logs_the_same_hparam_columns_with_the_same_types():
+    """TensorBoard takes the HParams columns from the first run it reads: EPFL on MedMNIST and FedALA on PTB-XL must
+    log the same names, each with one type, or one of them loses its columns."""
+    epfl = ({"data": {"class_path": "fedhb.data.MedMNIST", "init_args": {"flag": "organamnist", "size": 28}},
+             "algorithm": {"class_path": "fedhb.algorithms.EPFL", "init_args": {"lam": 0.3, "layers": "all"}},
+             "partition": {"alpha": 0.1}},
+            {"algorithm": "EPFL", "dataset": "organamnist", "seed": 0, "final": {}})
+    fedala = ({"data": {"class_path": "fedhb.data.PTBXL", "init_args": {"sampling_rate": 500, "folds": None}},
+               "algorithm": {"class_path": "fedhb.algorithms.FedALA", "init_args": {"layers": 2, "eta": 1.0}},
+               "partition": {"alpha": 0.5}},
+              {"algorithm": "FedALA", "dataset": "ptbxl", "seed": 1, "final": {}})
+
+    a, _ = tensorboard_hparams(*epfl)
+    b, _ = tensorboard_hparams(*fedala)
+
+    assert set(a) == set(b)
+    assert {"algorithm.lam", "algorithm.eta", "data.flag", "data.size", "data.sampling_rate"} <= set(a)
+    for key in a:
+        assert isinstance(a[key], str) == isinstance(b[key], str), (key, a[key], b[key])
+    assert a["algorithm.lam"] == 0.3 and math.isnan(b["algorithm.lam"])
+    assert a["data.flag"] == "organamnist" and b["data.flag"] == "n/a"
+    assert a["algorithm.layers"] == "all" and b["algorithm.layers"] == "2"  # EPFL's layers is text, so all are
+    assert b["data.sampling_rate"] == 500.0 and math.isnan(a["data.sampling_rate"])
+    assert b["data.folds"] == "none"
+
+
+def many_settings(root, n, rounds=1):
+    """``n`` single-seed runs of two algorithms that differ in three options each (labels that used to run off)."""
+    combos = [(alg, alpha, lr, r) for alg in ("EPFL", "FedAvg") for alpha in (0.1, 0.5, 1.0)
+              for lr in (0.01, 0.05) for r in (8, 16)]
+    for i, (alg, alpha, lr, r) in enumerate(combos[:n]):
+        accs = [0.5 + 0.01 * i + 0.02 * t for t in range(rounds)]
+        write_run(root / f"run{i}", "organamnist", alg, 0, accs, 1000 * (i + 1),
+                  options={"partition.alpha": alpha, "optim.lr": lr, "model.lora.r": r,
+                           "model.backbone": "google/vit-base-patch16-224-in21k"})
+    return root
+
+
+@pytest.mark.parametrize("n", [1, 20])
+def test_figures_stay_readable_from_one_to_twenty_runs(n, tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from fedhb.report import dataset_figure, group_runs, line_styles
+
+    root = many_settings(tmp_path / "runs", n)
+    groups = group_runs([load_run(p) for p in find_runs([root])])
+    styles = line_styles([g.name for g in groups])
+
+    for x_name in ("round", "bytes"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # matplotlib's constrained_layout warnings included
+            fig = dataset_figure(groups, "personalized_acc", x_name, styles)
+            FigureCanvasAgg(fig).draw()
+        ax = fig.axes[0]
+        figure_box, axes_box = fig.bbox, ax.get_window_extent()
+        legend_box = fig.legends[0].get_window_extent()
+        assert len(ax.lines) == n  # every run drawn
+        assert axes_box.width > 0.8 * figure_box.width  # the legend does not squeeze the plot
+        assert legend_box.y1 <= axes_box.y0 and not legend_box.overlaps(axes_box)  # below it, covering nothing
+        for box in (legend_box, ax.title.get_window_extent()):
+            assert box.x0 >= 0 and box.x1 <= figure_box.width and box.y1 <= figure_box.height  # nothing cut off
+        labels = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert max(map(len, labels)) <= 20, labels  # short labels, the options are in report.md's table
+        ticks = ax.get_yticks()
+        assert np.diff(ticks).min() >= 0.5  # percentage points, not ±0.04 % around a flat value
+        if x_name == "round":
+            assert [t.get_text() for t in ax.get_xticklabels()] == ["1"]  # one round: one integer tick
+    assert len(set(styles.values())) == n  # colour, marker and dash differ for every run
+
+
+def test_the_report_table_is_the_key_to_the_short_labels(tmp_path):
+    result = write_report([many_settings(tmp_path / "runs", 3)], tmp_path / "report")
+
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert [g.name for g in result.groups] == ["EPFL-a", "EPFL-b", "EPFL-c"]
+    # Only the options that differ between the runs (partition.alpha is 0.1 in all three).
+    assert "| EPFL-a | model.lora.r=16, optim.lr=0.01 | 1 |" in text
+    assert "| EPFL-c | model.lora.r=8, optim.lr=0.05 | 1 |" in text
+    assert read_rows(tmp_path / "report" / "report.csv")[
+        ("organamnist", "EPFL", "model.lora.r=8, optim.lr=0.05")]["label"] == "EPFL-c"
+
+
+def test_an_unknown_metric_is_refused_before_anything_is_written(runs, tmp_path, capsys):
+    with pytest.raises(ValueError, match="--metric worst_acc: no run records it; did you mean worst_client_acc?"):
+        write_report([runs / "a"], tmp_path / "report", metric="worst_acc")
+    assert not (tmp_path / "report").exists()
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(runs / "a"), "--out", str(tmp_path / "report"), "--metric", "worst_acc"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "did you mean worst_client_acc" in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_a_run_copied_to_another_folder_is_a_duplicate_not_a_second_seed(runs, tmp_path):
+    shutil.copytree(runs / "a" / "fedavg0", tmp_path / "runs" / "copy" / "fedavg0")
+    shutil.copytree(runs / "a" / "fedavg0", tmp_path / "runs" / "orig" / "fedavg0")
+
+    result = write_report([tmp_path / "runs"], tmp_path / "report")
+
+    row = read_rows(tmp_path / "report" / "report.csv")[("organamnist", "FedAvg", "")]
+    assert row["runs"] == "1" and row["personalized_acc_std"] == ""  # not "2 seeds, ± 0.00"
+    (dup,) = result.excluded
+    assert dup.status == "duplicate" and dup.path.parent.name == "orig"
+    assert "same dataset, algorithm, options and seed (0)" in dup.reason and "copy/fedavg0" in dup.reason
+    assert "| duplicate |" in (tmp_path / "report" / "report.md").read_text()

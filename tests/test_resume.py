@@ -64,6 +64,36 @@ def test_sigkill_at_a_random_round_then_resume_gives_the_same_metrics(organamnis
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_stops_at_a_round_boundary_with_a_checkpoint_and_resume_is_exact(
+        organamnist_root, tmp_path, uninterrupted, sig, code):
+    # Prepare: checkpoints only at the end (--checkpoint.every 0, no time-based saves): the signal must save one.
+    out = tmp_path / "run"
+    args = cli(organamnist_root, out, "--checkpoint.every", "0", "--checkpoint.minutes", "0")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and len(read_jsonl(out / "metrics.jsonl")) >= 2:
+            break
+        time.sleep(0.05)
+
+    # Execute
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=240)
+
+    # Assert: the exit code of a signalled program, no traceback, one line saying how to continue.
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"fedhb: stopped by {signal.Signals(sig).name} after round ") and "--resume auto" in last
+    stopped = len(read_jsonl(out / "metrics.jsonl"))
+    assert 2 <= stopped < ROUNDS and [p.name for p in list_checkpoints(out)] == [f"round-{stopped:06d}.ckpt"]
+    assert not (out / "summary.json").exists()
+    subprocess.run(args + ["--resume", "auto"], check=True, capture_output=True, timeout=300)
+    assert comparable(out) == uninterrupted
+
+
+@pytest.mark.slow
 def test_kill_mid_checkpoint_keeps_the_previous_one_and_resumes_exactly(organamnist_root, tmp_path, uninterrupted):
     out = tmp_path / "run"
     crashed = subprocess.run(cli(organamnist_root, out), env={**os.environ, "FEDHB_FAULT": "checkpoint:3"},

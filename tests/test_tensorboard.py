@@ -4,6 +4,7 @@ event files as TensorBoard reads them."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -84,3 +85,18 @@ def test_hparams_tab_holds_the_settings_and_final_metrics(runs):
     assert [e.step for e in final] == [2]
     assert final[0].value == pytest.approx(summary["final"]["personalized_acc"], rel=1e-6)
     assert events.Scalars("final/bytes_total")[0].value == pytest.approx(summary["bytes_total"])
+
+
+def test_every_run_has_the_same_hparams_columns(runs):
+    """TensorBoard reads the columns of whichever run comes first; FedAvg's must include EPFL's ``algorithm.lam``
+    (as NaN) and EPFL's FedAvg's, so that ``--logdir`` over both shows every column for both."""
+    columns = {}
+    for name, (_, events) in runs.items():
+        infos = hparams_data(events)["_hparams_/experiment"].experiment.hparam_infos
+        columns[name] = {info.name: info.type for info in infos}
+
+    assert columns["EPFL"] == columns["FedAvg"]
+    assert {"algorithm.lam", "algorithm.mu", "data.flag", "data.size", "data.sampling_rate"} <= set(columns["EPFL"])
+    fedavg = hparams_data(runs["FedAvg"][1])["_hparams_/session_start_info"].session_start_info.hparams
+    assert math.isnan(fedavg["algorithm.lam"].number_value)  # FedAvg has no lam: neutral, not a fake number
+    assert fedavg["data.flag"].string_value == "organamnist"

@@ -25,38 +25,29 @@ def weighted_average(states: list[State], weights: list[float] | Tensor, keys: l
     return out
 
 
-def lora_pairs(names: list[str]) -> list[tuple[str, str]]:
-    """``(A name, B name)`` of every LoRA-adapted module, in model order."""
-    pairs = []
-    for name in names:
-        if ".lora_A." in name:
-            b = name.replace(".lora_A.", ".lora_B.")
-            if b not in names:
-                raise ValueError(f"LoRA A matrix {name} has no B matrix {b}")
-            pairs.append((name, b))
-    return pairs
 
 
-def select_layers(pairs: list[tuple[str, str]], layers: str) -> list[tuple[str, str]]:
-    """``all``, ``first_half`` or ``second_half`` of the LoRA modules in model order (the middle one goes to the
-    second half when the count is odd)."""
-    half = len(pairs) // 2
-    if layers == "all":
-        return pairs
-    if layers == "first_half":
-        return pairs[:half] or pairs[:1]
-    if layers == "second_half":
-        return pairs[half:]
-    raise ValueError(f"--algorithm.layers must be all, first_half or second_half; got {layers!r}")
 
 
-def pairwise_distance(vectors: Tensor, kind: str = "frobenius") -> Tensor:
+def pairwise_distance(vectors: Tensor, kind: str = "frobenius", block_elements: int = 1 << 22) -> Tensor:
     """``(n, n)`` distances between the rows of ``vectors``: Euclidean (the Frobenius norm of the matrix difference)
-    or cosine (``1 - cos``). Computed exactly, without the matmul shortcut, so that results do not depend on n."""
+    or cosine (``1 - cos``).
+
+    Euclidean distances are computed exactly, as ``sqrt(sum_k (v_ik - v_jk)^2)`` rather than with the Gram shortcut
+    ``|v_i|^2 + |v_j|^2 - 2 v_i.v_j``, which cancels badly for nearby rows and depends on n through the matmul. Rows
+    are taken in blocks of ``b`` so that the ``(b, n, d)`` difference tensor holds at most ``block_elements`` values
+    (at least one row): memory grows linearly with n, not as ``n^2 d``, and every distance is the same whatever the
+    block size or n, since each one is reduced over ``d`` alone.
+    """
     v = vectors.to(torch.float64)
     if kind == "frobenius":
-        diff = v[:, None, :] - v[None, :, :]
-        return diff.pow(2).sum(-1).sqrt()
+        n, d = v.shape[0], max(1, v[0].numel() if v.shape[0] else 1)
+        rows = max(1, block_elements // max(1, n * d))
+        out = torch.empty(n, n, dtype=torch.float64)
+        for start in range(0, n, rows):
+            diff = v[start:start + rows, None, :] - v[None, :, :]
+            out[start:start + rows] = diff.pow_(2).sum(-1).sqrt_()
+        return out
     if kind == "cosine":
         norm = v.norm(dim=1, keepdim=True).clamp_min(1e-12)
         u = v / norm
@@ -100,12 +91,11 @@ def linear_combination(states: list[State], coeffs: list[float] | Tensor, keys: 
 
 
 def is_head(name: str) -> bool:
-    """Whether ``name`` is a tensor of the classification head (``head.1.weight``/``head.1.bias``)."""
+    """Whether ``name`` is a tensor of the task head (``head.1.weight``/``head.1.bias``: the client model names its
+    head ``head``)."""
     return name.startswith("head.")
 
 
-def is_lora(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name
 
 
 def stack_lora(a: list[Tensor], b: list[Tensor], weights: list[float] | Tensor,

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from fedhb.algorithms._ops import State, linear_combination
+from fedhb.algorithms.base import algo_key
 from fedhb.algorithms.fedavg import FedAvg
-from fedhb.algorithms.trainer import LocalTrainer
 
-V, ALPHA = "algo/apfl/v/", "algo/apfl/alpha"
+if TYPE_CHECKING:
+    from fedhb.algorithms.trainer import LocalTrainer
+
+V, ALPHA = algo_key("apfl", "v/"), algo_key("apfl", "alpha")
 
 
 class APFL(FedAvg):
@@ -42,7 +47,7 @@ class APFL(FedAvg):
         self.alpha, self.adapt_alpha, self.alpha_lr = alpha, adapt_alpha, alpha_lr
 
     def init_client_state(self, state: State, client: int) -> State:
-        state.update({V + k: v.clone() for k, v in list(state.items()) if not k.startswith("algo/")})
+        state.update({V + k: v.clone() for k, v in self.model_part(state).items()})
         state[ALPHA] = torch.tensor(float(self.alpha), dtype=torch.float64)
         return state
 

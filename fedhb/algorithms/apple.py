@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from fedhb.algorithms._ops import State, linear_combination
-from fedhb.algorithms.base import Algorithm
-from fedhb.algorithms.trainer import LocalTrainer
+from fedhb.algorithms.base import Algorithm, algo_key
 
-CORE, P = "algo/apple/core/", "algo/apple/p"
+if TYPE_CHECKING:
+    from fedhb.algorithms.trainer import LocalTrainer
+
+CORE, P = algo_key("apple", "core/"), algo_key("apple", "p")
 
 
 def core_key(client: int, name: str) -> str:
@@ -59,7 +62,7 @@ class APPLE(Algorithm):
 
     def init_client_state(self, state: State, client: int) -> State:
         n = self.num_clients or 1
-        model = [k for k in state if not k.startswith("algo/")]
+        model = list(self.model_part(state))
         for j in range(n):
             state.update({core_key(j, k): state[k].clone() for k in model})
         state[P] = torch.full((n,), 1.0 / n, dtype=torch.float64)

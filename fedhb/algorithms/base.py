@@ -1,25 +1,82 @@
-"""The algorithm plug-in: what a client uploads, how the server combines uploads, what each client receives, and
-what it adds to local training. Algorithms never loop; only :class:`fedhb.loop.FederatedLoop` runs rounds."""
+"""The algorithm contract: what a client does in its local update, what it uploads, how the server combines uploads,
+what each client receives, and which model a client is scored with. Algorithms never loop; only
+:class:`fedhb.loop.FederatedLoop` runs rounds.
+
+Like Flower's ``Strategy``, the contract is small. A new algorithm overrides what differs among
+
+- :meth:`~Algorithm.setup`: once per process, with the model's tensor names, the initial model, the client count;
+- :meth:`~Algorithm.init_client_state`: the algorithm's own per-client tensors (``algo/...``) in a fresh state;
+- :meth:`~Algorithm.local_update`: a client's local training, composed from the ``LocalTrainer``'s operations;
+- :meth:`~Algorithm.upload`: what a client sends after training;
+- :meth:`~Algorithm.aggregate`: the server step, what each uploading client receives;
+- :meth:`~Algorithm.global_state`: the global model (``None`` for purely personalized methods);
+- :meth:`~Algorithm.personalized_model`: the model tensors a client is scored with;
+- :meth:`~Algorithm.state_dict` and :meth:`~Algorithm.load_state_dict`: the server state, for checkpoints.
+
+Per-step behaviour (an extra loss term, a gradient correction) is not a hook: ``local_update`` hands it to the trainer
+as a closure. State that belongs to one client lives in that client's state dict, never on the algorithm object,
+which every client of a process shares.
+"""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from fedhb.algorithms._ops import State, state_bytes
+from fedhb.algorithms._ops import State
 
 if TYPE_CHECKING:
     from fedhb.algorithms.trainer import LocalTrainer
-    from fedhb.client import ClientModule
-    from fedhb.data.partition import ClientSplit
 
 #: Prefix of per-client tensors that belong to the algorithm (SCAFFOLD's control variate, ...), not to the model.
 ALGO_PREFIX = "algo/"
 
 
+def algo_key(*parts: str) -> str:
+    """The name of an algorithm's own per-client tensor: ``algo_key("scaffold", "c_i/")`` is ``algo/scaffold/c_i/``."""
+    return ALGO_PREFIX + "/".join(parts)
+
+
+@dataclass
+class Aggregate(Mapping[int, State]):
+    """What :meth:`Algorithm.aggregate` may return instead of a plain ``{client: state}`` dict, when the server step
+    does more than hand tensors back. It reads as the mapping ``received``.
+
+    Attributes:
+        received: ``{client: state}`` for every uploading client; every tensor received overwrites the client's own.
+        bytes_down: Bytes each client downloads, where the wire form is smaller than ``received`` (clients rebuild
+            the rest, e.g. FLoRA's reset adapters from the run's seed). Default: the size of ``received``.
+        catch_up_bytes: Bytes a client that missed aggregations downloads to sync to :meth:`Algorithm.global_state`.
+            Default: the size of the global state.
+        backbone: ``{layer path: accumulated low-rank update}`` to merge into the frozen backbone that every client
+            shares (FLoRA), as ``W_0 + (alpha / r) * update``; the loop merges it and keeps it in checkpoints.
+    """
+
+    received: dict[int, State]
+    bytes_down: dict[int, int] | None = None
+    catch_up_bytes: int | None = None
+    backbone: Mapping[str, Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, result: Mapping[int, State]) -> Aggregate:
+        return result if isinstance(result, Aggregate) else cls(dict(result))
+
+    def __getitem__(self, client: int) -> State:
+        return self.received[client]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.received)
+
+    def __len__(self) -> int:
+        return len(self.received)
+
+
 class Algorithm:
-    """Base class; subclasses override only what differs.
+    """Base class; subclasses override only what differs (see the module docstring for the contract).
 
     A client's state is a flat ``{name: tensor}`` dict: the model's trainable tensors under their parameter names, and
     the algorithm's own per-client tensors under ``algo/...``. It is what gets swapped in and out, checkpointed and
@@ -28,7 +85,10 @@ class Algorithm:
 
     #: Whether the method keeps one global model (evaluated on the union of the clients' test splits).
     has_global_model: bool = False
+    #: Whether client 0 trains on every client's pooled training data (``Centralized``), the others on nothing.
+    pools_training_data: bool = False
 
+    # -- set-up ----------------------------------------------------------------------------------------------------
     def setup(self, names: list[str], initial: State | None = None, num_clients: int | None = None) -> None:
         """Called once per process before any round.
 
@@ -40,26 +100,32 @@ class Algorithm:
         self.names = list(names)
         self._num_clients = num_clients
 
-    @property
-    def num_clients(self) -> int | None:
-        """Number of clients in the federation (set by :meth:`setup`; not an option, so not in :meth:`hparams`)."""
-        return getattr(self, "_num_clients", None)
+    def init_client_state(self, state: State, client: int) -> State:
+        """Add the algorithm's per-client tensors to client ``client``'s fresh state (a copy of the initial model's
+        trainable tensors) and return it."""
+        return state
 
-    def client_splits(self, splits: list[ClientSplit]) -> list[ClientSplit]:
-        """The train/val/test indices each client uses (``Centralized`` pools the training data). Default: as
-        partitioned."""
-        return splits
+    # -- the client --------------------------------------------------------------------------------------------------
+    def local_update(self, trainer: LocalTrainer, state: State) -> None:
+        """A client's local training; default: ``trainer.fit()`` (``--federation.local_epochs`` over its data).
 
-    # -- communication -------------------------------------------------------------------------------------------
-    def shares(self, name: str) -> bool:
-        """Whether the trainable tensor ``name`` is uploaded. Default: all of them."""
-        return True
+        Methods with their own local procedure compose the trainer's operations and pass per-step behaviour as
+        closures (``trainer.fit(loss=...)``, ``trainer.fit(before_step=...)``); they may update the client's
+        ``algo/...`` tensors in ``state``. The model tensors the trainer holds at the end become the client's new
+        model tensors."""
+        trainer.fit()
 
     def upload(self, state: State) -> State:
-        """What a client sends after local training."""
-        return {k: v for k, v in state.items() if not k.startswith(ALGO_PREFIX) and self.shares(k)}
+        """What a client sends after local training. Default: every model tensor."""
+        return self.model_part(state)
 
-    def aggregate(self, uploads: dict[int, State], num_samples: dict[int, int]) -> dict[int, State]:
+    def personalized_model(self, state: State) -> State:
+        """The model tensors a client is scored with (Ditto's personal model, APFL's mixture). Default: its model
+        tensors as they are."""
+        return state
+
+    # -- the server ----------------------------------------------------------------------------------------------------
+    def aggregate(self, uploads: dict[int, State], num_samples: dict[int, int]) -> Mapping[int, State]:
         """Combine the uploads of one round into what each uploading client receives.
 
         Args:
@@ -67,7 +133,8 @@ class Algorithm:
             num_samples: ``{client_id: number of local training samples}``.
 
         Returns:
-            ``{client_id: {name: tensor}}``; every tensor received overwrites the client's own.
+            ``{client_id: {name: tensor}}`` (every tensor received overwrites the client's own), or an
+            :class:`Aggregate` when the download is smaller than that or the frozen backbone changes.
         """
         raise NotImplementedError
 
@@ -76,61 +143,38 @@ class Algorithm:
         missed rounds load it before they train."""
         return None
 
-    def download_bytes(self, state: State, catch_up: bool = False) -> int:
-        """Bytes a client downloads to receive ``state``: what :meth:`aggregate` returned for it or, with
-        ``catch_up``, the :meth:`global_state` a client that missed rounds syncs to. Default: the tensors' size.
-        Methods whose clients rebuild what they receive from something smaller (FLoRA's stacked factors) override it.
-        """
-        return state_bytes(state)
-
-    # -- local training hooks ------------------------------------------------------------------------------------
-    def init_client_state(self, state: State, client: int) -> State:
-        """Add the algorithm's per-client tensors to client ``client``'s fresh state (a copy of the initial model's
-        trainable tensors) and return it."""
-        return state
-
-    def local_update(self, trainer: LocalTrainer, state: State) -> None:
-        """A client's local training; default: ``trainer.fit()`` (``--federation.local_epochs`` over its data with
-        :meth:`extra_loss` and :meth:`on_before_optimizer_step`). Methods with their own local procedure override it
-        and compose the trainer's operations; they may update the client's ``algo/...`` tensors in ``state``. The
-        model tensors the trainer holds at the end become the client's new model tensors."""
-        trainer.fit()
-
-    def personalized_model(self, state: State) -> State:
-        """The model tensors a client is evaluated with (Ditto's personal model, APFL's mixture). Default: its model
-        tensors as they are."""
-        return state
-
-    def on_load(self, module: ClientModule, state: State) -> None:
-        """After the model tensors of ``state`` were copied into the module: sync any part of the module the
-        algorithm keeps itself (FLoRA's merged base weights, a client's LoRA rank). ``state`` is what was loaded: a
-        client's state with its ``algo/...`` tensors, its :meth:`personalized_model`, or the global model."""
-
-    def on_train_start(self, module: ClientModule, state: State) -> None:
-        """Before a client's local training; ``state`` is its full state (model tensors already loaded)."""
-
-    def extra_loss(self, module: ClientModule, batch: dict[str, Tensor], out: dict[str, Tensor]) -> Tensor | None:
-        """A term added to the local loss (FedProx's proximal term, MOON's contrastive term, ...)."""
-        return None
-
-    def on_before_optimizer_step(self, module: ClientModule) -> None:
-        """After backward, before the step: gradient corrections (SCAFFOLD)."""
-
-    def on_train_end(self, module: ClientModule, state: State, num_steps: int) -> None:
-        """After local training; update the client's ``algo/...`` tensors in ``state`` in place."""
-
-    # -- server state --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The server state (for checkpoints)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             raise ValueError(f"{type(self).__name__} keeps no server state but the checkpoint has {sorted(state)}")
 
-    def hparams(self) -> dict[str, Any]:
-        """The options to log: the ``__init__`` arguments, read back from the attributes of the same name."""
-        import inspect
+    # -- helpers (not meant to be overridden) --------------------------------------------------------------------------
+    @property
+    def num_clients(self) -> int | None:
+        """Number of clients in the federation (set by :meth:`setup`; not an option, so not in :meth:`hparams`)."""
+        return getattr(self, "_num_clients", None)
 
+    def model_part(self, state: State, keep: Callable[[str], bool] | None = None) -> State:
+        """``state``'s model tensors (not its ``algo/...`` ones), optionally only those whose name ``keep`` accepts."""
+        names = getattr(self, "names", None)
+        chosen = names if names is not None else [k for k in state if not k.startswith(ALGO_PREFIX)]
+        return {k: state[k] for k in chosen if k in state and (keep is None or keep(k))}
+
+    def hparams(self) -> dict[str, Any]:
+        """The options to log: the ``__init__`` arguments, read back from the attributes of the same name; lists
+        become comma-separated text; ``None`` (a default computed at run time) is left out."""
         names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
-        values = {n: getattr(self, n) for n in names if hasattr(self, n)}
-        return {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool))}
+        out: dict[str, Any] = {}
+        for n in names:
+            if not hasattr(self, n):
+                continue
+            value = getattr(self, n)
+            if isinstance(value, (list, tuple)):
+                value = ",".join(map(str, value))
+            if isinstance(value, (int, float, str, bool)):
+                out[n] = value
+        return out
+

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from fedhb.algorithms._ops import State
 from fedhb.algorithms.fedavg import FedAvg
-from fedhb.data.partition import ClientSplit
 
 
 class Centralized(FedAvg):
@@ -23,10 +20,7 @@ class Centralized(FedAvg):
     default ``after_aggregation`` evaluation protocol.
     """
 
-    def client_splits(self, splits: list[ClientSplit]) -> list[ClientSplit]:
-        pooled = np.sort(np.concatenate([s.train for s in splits]))
-        empty = pooled[:0]
-        return [ClientSplit(pooled if c == 0 else empty, s.val, s.test) for c, s in enumerate(splits)]
+    pools_training_data = True  # fedhb.build.training_splits moves every training split to client 0
 
     def aggregate(self, uploads: dict[int, State], num_samples: dict[int, int]) -> dict[int, State]:
         if 0 not in uploads:

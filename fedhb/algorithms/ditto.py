@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from fedhb.algorithms._ops import State
+from fedhb.algorithms.base import algo_key
 from fedhb.algorithms.fedavg import FedAvg
-from fedhb.algorithms.trainer import LocalTrainer
 
-PERSONAL = "algo/ditto/v/"
+if TYPE_CHECKING:
+    from fedhb.algorithms.trainer import LocalTrainer
+
+PERSONAL = algo_key("ditto", "v/")
 
 
 class Ditto(FedAvg):
@@ -39,7 +44,7 @@ class Ditto(FedAvg):
         self.lam, self.personal_epochs = lam, personal_epochs
 
     def init_client_state(self, state: State, client: int) -> State:
-        state.update({PERSONAL + k: v.clone() for k, v in list(state.items()) if not k.startswith("algo/")})
+        state.update({PERSONAL + k: v.clone() for k, v in self.model_part(state).items()})
         return state
 
     def personalized_model(self, state: State) -> State:

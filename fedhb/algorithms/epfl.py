@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from fedhb.algorithms._ops import State, inverse_distance_weights, lora_pairs, pairwise_distance, select_layers
+from fedhb.algorithms._ops import State, inverse_distance_weights, pairwise_distance
 from fedhb.algorithms.base import Algorithm
+from fedhb.models.lora import is_lora, lora_pairs, select_layers
 
 
 class EPFL(Algorithm):
@@ -37,8 +38,8 @@ class EPFL(Algorithm):
             raise ValueError(f"--algorithm.distance must be frobenius or cosine; got {distance!r}")
         self.lam, self.layers, self.distance = lam, layers, distance
 
-    def shares(self, name: str) -> bool:
-        return ".lora_A." in name or ".lora_B." in name
+    def upload(self, state: State) -> State:
+        return self.model_part(state, keep=is_lora)
 
     def distances(self, uploads: dict[int, State]) -> torch.Tensor:
         """``d_ij`` for the uploading clients in sorted id order."""

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from fedhb.algorithms._ops import State, ala_weight_step
+from fedhb.algorithms.base import algo_key
 from fedhb.algorithms.fedavg import FedAvg
-from fedhb.algorithms.trainer import LocalTrainer
 
-LOCAL, WEIGHT, STARTED = "algo/fedala/local/", "algo/fedala/weight/", "algo/fedala/started"
+if TYPE_CHECKING:
+    from fedhb.algorithms.trainer import LocalTrainer
+
+LOCAL, WEIGHT, STARTED = algo_key("fedala", "local/"), algo_key("fedala", "weight/"), algo_key("fedala", "started")
 
 
 class FedALA(FedAvg):
@@ -64,7 +69,7 @@ class FedALA(FedAvg):
         return names[-self.layers:]
 
     def init_client_state(self, state: State, client: int) -> State:
-        model = [k for k in state if not k.startswith("algo/")]
+        model = list(self.model_part(state))
         state.update({LOCAL + k: state[k].clone() for k in model})
         state.update({WEIGHT + k: torch.ones_like(state[k]) for k in self.adaptive(model)})
         state[STARTED] = torch.zeros((), dtype=torch.float64)

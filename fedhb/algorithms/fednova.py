@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from fedhb.algorithms._ops import State, fednova_norm
+from fedhb.algorithms.base import algo_key
 from fedhb.algorithms.fedavg import FedAvg
-from fedhb.algorithms.trainer import LocalTrainer
 
-TAU = "algo/fednova/tau"
+if TYPE_CHECKING:
+    from fedhb.algorithms.trainer import LocalTrainer
+
+TAU = algo_key("fednova", "tau")
 
 
 class FedNova(FedAvg):
@@ -38,7 +43,7 @@ class FedNova(FedAvg):
         return state
 
     def upload(self, state: State) -> State:
-        return {**{k: state[k] for k in self.names}, TAU: state.get(TAU, torch.zeros((), dtype=torch.float64))}
+        return {**{k: state[k] for k in self.names}, TAU: state[TAU]}
 
     def local_update(self, trainer: LocalTrainer, state: State) -> None:
         start = trainer.steps

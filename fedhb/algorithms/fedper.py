@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedhb.algorithms._ops import is_head
+from fedhb.algorithms._ops import State, is_head
 from fedhb.algorithms.fedavg import FedAvg
 
 
@@ -17,5 +17,5 @@ class FedPer(FedAvg):
 
     has_global_model = False
 
-    def shares(self, name: str) -> bool:
-        return not is_head(name)
+    def upload(self, state: State) -> State:
+        return self.model_part(state, keep=lambda name: not is_head(name))

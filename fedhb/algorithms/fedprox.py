@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from fedhb.algorithms._ops import State
 from fedhb.algorithms.fedavg import FedAvg
-from fedhb.client import ClientModule
+
+if TYPE_CHECKING:
+    from fedhb.algorithms.trainer import LocalTrainer
 
 
 class FedProx(FedAvg):
@@ -30,15 +34,13 @@ class FedProx(FedAvg):
             raise ValueError(f"--algorithm.mu must be >= 0, got {mu!r}")
         super().__init__()
         self.mu = mu
-        self._anchor: State = {}
 
-    def on_train_start(self, module: ClientModule, state: State) -> None:
-        self._anchor = {n: p.detach().clone() for n, p in module.trainable().items()}
+    def local_update(self, trainer: LocalTrainer, state: State) -> None:
+        anchor = trainer.read()  # w_t: the model the client starts the round from
 
-    def extra_loss(self, module: ClientModule, batch: dict[str, Tensor], out: dict[str, Tensor]) -> Tensor | None:
-        # Tensors frozen in a phase are absent from trainable(); they do not move, so their term is constant.
-        terms = [(p - self._anchor[n]).pow(2).sum() for n, p in module.trainable().items()]
-        return 0.5 * self.mu * torch.stack(terms).sum()
+        def proximal(batch: dict[str, Tensor], out: dict[str, Tensor], rows: Tensor) -> Tensor:
+            # Tensors frozen in a phase are absent from trainable(); they do not move, so their term is constant.
+            terms = [(p - anchor[n]).pow(2).sum() for n, p in trainer.trainable().items()]
+            return 0.5 * self.mu * torch.stack(terms).sum()
 
-    def on_train_end(self, module: ClientModule, state: State, num_steps: int) -> None:
-        self._anchor = {}
+        trainer.fit(loss=proximal)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fedhb.algorithms._ops import State, is_head
 from fedhb.algorithms.fedavg import FedAvg
-from fedhb.algorithms.trainer import LocalTrainer
+
+if TYPE_CHECKING:
+    from fedhb.algorithms.trainer import LocalTrainer
 
 
 class FedRep(FedAvg):
@@ -33,8 +37,8 @@ class FedRep(FedAvg):
         super().__init__()
         self.head_epochs = head_epochs
 
-    def shares(self, name: str) -> bool:
-        return not is_head(name)
+    def upload(self, state: State) -> State:
+        return self.model_part(state, keep=lambda name: not is_head(name))
 
     def local_update(self, trainer: LocalTrainer, state: State) -> None:
         head = [n for n in trainer.names if is_head(n)]

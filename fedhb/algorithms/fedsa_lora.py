@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from fedhb.algorithms._ops import State
 from fedhb.algorithms.fedavg import FedAvg
+from fedhb.models.lora import is_lora_a
 
 
 class FedSALoRA(FedAvg):
@@ -17,5 +19,5 @@ class FedSALoRA(FedAvg):
 
     has_global_model = False
 
-    def shares(self, name: str) -> bool:
-        return ".lora_A." in name
+    def upload(self, state: State) -> State:
+        return self.model_part(state, keep=is_lora_a)

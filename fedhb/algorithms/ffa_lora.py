@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fedhb.algorithms._ops import State
 from fedhb.algorithms.fedavg import FedAvg
-from fedhb.algorithms.trainer import LocalTrainer
+from fedhb.models.lora import is_lora_a
+
+if TYPE_CHECKING:
+    from fedhb.algorithms.trainer import LocalTrainer
 
 
 class FFALoRA(FedAvg):
@@ -16,8 +21,8 @@ class FFALoRA(FedAvg):
     uploaded and averaged (sample-weighted) into one global model. A is never trained, sent or received.
     """
 
-    def shares(self, name: str) -> bool:
-        return ".lora_A." not in name
+    def upload(self, state: State) -> State:
+        return self.model_part(state, keep=lambda name: not is_lora_a(name))
 
     def local_update(self, trainer: LocalTrainer, state: State) -> None:
-        trainer.fit(trainable=[n for n in trainer.names if ".lora_A." not in n])
+        trainer.fit(trainable=[n for n in trainer.names if not is_lora_a(n)])

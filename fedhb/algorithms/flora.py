@@ -2,17 +2,45 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from fedhb.algorithms._ops import State, is_lora, lora_pairs, stack_lora, state_bytes, weighted_average
-from fedhb.algorithms.base import Algorithm
-from fedhb.client import ClientModule
+from fedhb import seeds
+from fedhb.algorithms._ops import State, stack_lora, state_bytes, weighted_average
+from fedhb.algorithms.base import Aggregate, Algorithm
+from fedhb.models.lora import RANK_KEY, is_lora, is_lora_a, is_lora_b, layer_of, lora_pairs, rank_of, rank_part
 
-#: A client's LoRA rank, kept in its state when ``--algorithm.ranks`` is given.
-RANK = "algo/flora/rank"
+#: A client's LoRA rank, kept in its state when ``--algorithm.ranks`` is given (the model runs its adapters at it).
+RANK = RANK_KEY
+
+
+def run_key(initial: State) -> int:
+    """A 64-bit key of the run, the same on every rank: a digest of the initial LoRA A matrices.
+
+    The contract hands :meth:`~fedhb.algorithms.base.Algorithm.setup` the initial model, not the run seed; the run
+    seed determines the initial model (``fedhb.build.build_module`` seeds torch with it), so its A matrices stand in
+    for it.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(k for k in initial if is_lora_a(k)):
+        digest.update(name.encode())
+        digest.update(initial[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(digest.digest()[:8], "little")
+
+
+def fresh_a(key: int, rnd: int, layer: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+    """LoRA A of adapted layer ``layer`` (its index in model order) after aggregation ``rnd``: peft's initialisation,
+    ``kaiming_uniform_(a=sqrt(5))`` (uniform on ``+-1/sqrt(in)``), drawn from the stream
+    ``[key, rnd, LORA_REDRAW, layer]``. One generator per layer, filled row by row, so the first ``r_k`` rows of a
+    rank-``r`` draw are a rank-``r_k`` draw."""
+    gen = torch.Generator().manual_seed(seeds.derive(key, rnd, seeds.Stream.LORA_REDRAW, layer))
+    a = torch.empty(shape, dtype=torch.float32)
+    torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+    return a.to(dtype)
 
 
 class FLoRA(Algorithm):
@@ -32,14 +60,21 @@ class FLoRA(Algorithm):
     what a rank-``r_k`` client sends.
 
     Here the server keeps the accumulated update ``sum_t sum_k p_k (r / r_k) B_k A_k`` of every adapted layer (``r`` =
-    ``--model.lora.r``; it is checkpointed with the server state) and :meth:`on_load` writes
-    ``W_0 + (alpha / r) * update`` into the process's frozen base weights, which every client of the process shares.
+    ``--model.lora.r``; it is checkpointed with the server state) and hands it to the loop with every aggregate
+    (:class:`~fedhb.algorithms.base.Aggregate`'s ``backbone``), which writes ``W_0 + (alpha / r) * update`` into the
+    process's frozen base weights that every client of the process shares. Running a client at its rank is the
+    model's job (:class:`fedhb.models.lora.RankedAdapters`): its state carries the rank.
     ``bytes_down`` counts what the paper sends each client: the round's stacked factors and the head. Deliberate
     differences:
 
-    - After each aggregation every client's adapter restarts from the run's initial A (a draw from LoRA's
-      initialization, the same on every client, cut to the client's rank) and B = 0; the paper draws a fresh A. It is
-      not counted as downloaded: a client rebuilds it from the run's seed.
+    - After aggregation ``t`` every client's adapter restarts from B = 0 and a fresh A drawn as peft initialises it
+      (:func:`fresh_a`, from the stream ``[run key, t]``: the same on every client and rank, cut to the client's
+      rank), as FederatedLLM's ``main.py`` re-creates the adapters every round; round 1 trains from the initial
+      model's A. Restarting from one A every round instead would keep the accumulated update in that A's row space:
+      on the tiny ViT (4 clients, 6 rounds, r = 8) its numerical rank stays 8, while with the redraw it reaches 32
+      (the layer's full width) and 0.21 of its energy stays in the row space of the initial A. FederatedLLM draws
+      a different A on every client; one per round is the same in distribution and keeps round ``t``'s adapters a
+      function of the run alone. The fresh A is not counted as downloaded: a client rebuilds it from the run key.
     - A client that missed aggregations (``--federation.fraction`` < 1) catches up by downloading the accumulated
       update of every adapted layer as a dense matrix (``out x in``) and the head, which is what is counted; the
       paper has every client take part in every round.
@@ -61,23 +96,21 @@ class FLoRA(Algorithm):
         self.ranks = ranks
         self._rank = 0  # --model.lora.r: the rank of the process's adapters
         self._itemsize = 4
-        self._layers: list[str] = []
-        self._resets: dict[int, State] = {}  # rank -> the adapters a client of that rank restarts from
+        self._key = 0  # run_key(initial)
+        self._initial: State = {}  # the initial adapters (B = 0)
+        self._fresh: State = {}  # the adapters every client restarts from after the latest aggregation (full rank)
+        self._resets: dict[int, State] = {}  # rank -> those adapters cut to that rank
         self._head: State | None = None
         self._update: dict[str, Tensor] = {}  # layer path -> accumulated sum_k p_k (r / r_k) B_k A_k (float64)
         self._stack_bytes = 0  # size of the last aggregation's stacked factors
         self._version = 0
-        self._merged = 0
-        self._base: dict[str, Tensor] = {}  # layer path -> the process's original frozen weight
-        self._scaling: dict[str, float] = {}  # layer path -> the module's own LoRA scaling, alpha / r
 
     def setup(self, names: list[str], initial: State | None = None, num_clients: int | None = None) -> None:
         super().setup(names, initial, num_clients)
         if initial is None:
             raise ValueError("FLoRA needs the initial model in setup() to reset the adapters after each round")
         pairs = lora_pairs(names)
-        self._layers = [self.layer_of(a) for a, _ in pairs]
-        self._rank = initial[pairs[0][0]].shape[0] if pairs else 0
+        self._rank = rank_of(initial)
         self._itemsize = initial[pairs[0][0]].element_size() if pairs else 4  # bytes per adapter element
         if self.ranks is not None:
             if not pairs:
@@ -86,38 +119,39 @@ class FLoRA(Algorithm):
                 raise ValueError(
                     f"--algorithm.ranks has rank {max(self.ranks)} but --model.lora.r is {self._rank}: the model "
                     f"holds every client's adapters at --model.lora.r, so set --model.lora.r {max(self.ranks)}")
-        full = {k: (torch.zeros_like(v) if ".lora_B." in k else v.clone()) for k, v in initial.items() if is_lora(k)}
-        self._resets = {self._rank: full}
+        self._key = run_key(initial)
+        self._initial = {k: (torch.zeros_like(v) if is_lora_b(k) else v.clone()) for k, v in initial.items()
+                         if is_lora(k)}
+        self._restart()
 
-    @staticmethod
-    def layer_of(a_name: str) -> str:
-        return a_name.split(".lora_A.")[0]
+    layer_of = staticmethod(layer_of)
 
     def rank_of(self, client: int) -> int:
         """Client ``client``'s LoRA rank."""
         return self._rank if self.ranks is None else self.ranks[client % len(self.ranks)]
 
-    @staticmethod
-    def _at_rank(name: str, value: Tensor, rank: int, beyond: bool = False) -> Tensor:
-        """A view of tensor ``name``'s first ``rank`` components (A's rows, B's columns) or, with ``beyond``, of the
-        rest; tensors other than LoRA's are returned whole."""
-        part = slice(rank, None) if beyond else slice(None, rank)
-        if ".lora_A." in name:
-            return value[part]
-        if ".lora_B." in name:
-            return value[:, part]
-        return value
-
     def _rank_in(self, state: State) -> int:
         """The rank of the client whose ``state`` this is (the model's for the global model)."""
         return int(state[RANK]) if RANK in state else self._rank
 
+    def _restart(self) -> None:
+        """Set the adapters clients restart from: the initial ones before any aggregation, a fresh A after."""
+        if self._version == 0:
+            self._fresh = self._initial
+        else:
+            names = [a for a, _ in lora_pairs(list(self._initial))]
+            self._fresh = {k: torch.zeros_like(v) for k, v in self._initial.items()}
+            for layer, a in enumerate(names):
+                self._fresh[a] = fresh_a(self._key, self._version, layer, tuple(self._initial[a].shape),
+                                         self._initial[a].dtype)
+        self._resets = {self._rank: self._fresh}
+
     def _reset(self, rank: int) -> State:
         """The adapters a rank-``rank`` client restarts from, at the model's shape (zero beyond ``rank``)."""
         if rank not in self._resets:
-            reset = {k: v.clone() for k, v in self._resets[self._rank].items()}
+            reset = {k: v.clone() for k, v in self._fresh.items()}
             for k, v in reset.items():
-                self._at_rank(k, v, rank, beyond=True).zero_()
+                rank_part(k, v, rank, beyond=True).zero_()
             self._resets[rank] = reset
         return self._resets[rank]
 
@@ -131,19 +165,19 @@ class FLoRA(Algorithm):
 
     def upload(self, state: State) -> State:
         rank = self._rank_in(state)
-        return {k: self._at_rank(k, v, rank) for k, v in super().upload(state).items()}
+        return {k: rank_part(k, v, rank) for k, v in self.model_part(state).items()}
 
-    def aggregate(self, uploads: dict[int, State], num_samples: dict[int, int]) -> dict[int, State]:
+    def aggregate(self, uploads: dict[int, State], num_samples: dict[int, int]) -> Aggregate:
         ids = sorted(uploads)
         n = sum(num_samples[i] for i in ids)
         p = [num_samples[i] / n for i in ids]
         self._stack_bytes = 0
-        for a, b in lora_pairs(list(uploads[ids[0]])):
+        for a, b in lora_pairs(uploads[ids[0]]):
             factors_a, factors_b = [uploads[i][a] for i in ids], [uploads[i][b] for i in ids]
-            # Client k's LoRA scaling alpha / r_k, relative to the model's alpha / r that on_load applies.
+            # Client k's LoRA scaling alpha / r_k, relative to the model's alpha / r that the merge applies.
             relative = [self._rank / f.shape[0] for f in factors_a]
             stacked_a, stacked_b = stack_lora(factors_a, factors_b, p, relative)
-            layer = self.layer_of(a)
+            layer = layer_of(a)
             update = stacked_b @ stacked_a
             self._update[layer] = self._update[layer] + update if layer in self._update else update
             self._stack_bytes += sum(f.numel() * f.element_size() for f in factors_a + factors_b)
@@ -152,7 +186,12 @@ class FLoRA(Algorithm):
             self._head = weighted_average([{k: uploads[i][k] for k in heads} for i in ids],
                                           [num_samples[i] for i in ids])
         self._version += 1
-        return {i: {**self._reset(self.rank_of(i)), **(self._head or {})} for i in ids}
+        self._restart()
+        received = {i: {**self._reset(self.rank_of(i)), **(self._head or {})} for i in ids}
+        glob = self.global_state()
+        return Aggregate(received, bytes_down={i: self.download_bytes(s) for i, s in received.items()},
+                         catch_up_bytes=self.download_bytes(glob, catch_up=True) if glob is not None else None,
+                         backbone=self.backbone_update())
 
     def global_state(self) -> State | None:
         if self._version == 0:
@@ -160,44 +199,25 @@ class FLoRA(Algorithm):
         return {**self._reset(self._rank), **(self._head or {})}
 
     def download_bytes(self, state: State, catch_up: bool = False) -> int:
+        """Bytes a client downloads to receive ``state``: the round's stacked factors and the head or, catching up
+        after missed rounds, the accumulated update of every adapted layer as a dense matrix and the head."""
         head = state_bytes({k: v for k, v in state.items() if not is_lora(k)})
         if not catch_up:
             return head + self._stack_bytes
         return head + sum(u.numel() for u in self._update.values()) * self._itemsize
 
-    @torch.no_grad()
-    def on_load(self, module: ClientModule, state: State) -> None:
-        if self.ranks is not None:
-            rank = self._rank_in(state)
-            for layer in self._layers:
-                lora: Any = module.get_submodule(layer)  # a peft LoRA Linear
-                self._scaling.setdefault(layer, lora.scaling["default"])
-                lora.scaling["default"] = self._scaling[layer] * self._rank / rank
-            for name, param in module.trainable().items():
-                if is_lora(name):
-                    self._at_rank(name, param, rank, beyond=True).zero_()
-        if self._merged == self._version:
-            return
-        for layer, update in self._update.items():
-            lora = module.get_submodule(layer)
-            weight = lora.base_layer.weight
-            if layer not in self._base:
-                self._base[layer] = weight.detach().clone()
-            scaling = self._scaling.get(layer, lora.scaling["default"])
-            weight.copy_((self._base[layer].to(torch.float64) + scaling * update.to(weight.device)).to(weight.dtype))
-        self._merged = self._version
+    def backbone_update(self) -> dict[str, Tensor]:
+        """``{layer path: accumulated update}``, what the frozen backbone holds on top of its original weights."""
+        return dict(self._update)
 
     def merged_update(self, layer: str) -> Tensor:
         """The accumulated ``sum_t sum_k p_k (r / r_k) B_k A_k`` of ``layer`` (float64, before LoRA's scaling
         ``alpha / r``)."""
         return self._update[layer]
 
-    def hparams(self) -> dict[str, Any]:
-        return {"ranks": "" if self.ranks is None else ",".join(map(str, self.ranks))}
-
     def state_dict(self) -> dict[str, Any]:
         return {"update": self._update, "head": self._head, "version": self._version}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._update, self._head, self._version = dict(state["update"]), state["head"], int(state["version"])
-        self._merged = -1  # this process's frozen weights do not hold the loaded update yet
+        self._restart()  # the adapters of aggregation `version`, redrawn from the run key

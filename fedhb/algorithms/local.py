@@ -9,8 +9,8 @@ from fedhb.algorithms.base import Algorithm
 class Local(Algorithm):
     """Each client trains alone and nothing is communicated: the floor every federated method must beat."""
 
-    def shares(self, name: str) -> bool:
-        return False
+    def upload(self, state: State) -> State:
+        return {}
 
     def aggregate(self, uploads: dict[int, State], num_samples: dict[int, int]) -> dict[int, State]:
         return {}

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from fedhb.algorithms._ops import State, model_contrastive_loss
+from fedhb.algorithms.base import algo_key
 from fedhb.algorithms.fedavg import FedAvg
-from fedhb.algorithms.trainer import LocalTrainer
 
-PREVIOUS = "algo/moon/prev/"
+if TYPE_CHECKING:
+    from fedhb.algorithms.trainer import LocalTrainer
+
+PREVIOUS = algo_key("moon", "prev/")
 
 
 class MOON(FedAvg):
@@ -42,7 +47,7 @@ class MOON(FedAvg):
         self.mu, self.temperature = mu, temperature
 
     def init_client_state(self, state: State, client: int) -> State:
-        state.update({PREVIOUS + k: v.clone() for k, v in list(state.items()) if not k.startswith("algo/")})
+        state.update({PREVIOUS + k: v.clone() for k, v in self.model_part(state).items()})
         return state
 
     def local_update(self, trainer: LocalTrainer, state: State) -> None:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+from torch import nn
 
 from fedhb.algorithms._ops import State, scaffold_control_variate
-from fedhb.algorithms.base import Algorithm
-from fedhb.algorithms.trainer import LocalTrainer
-from fedhb.client import ClientModule
+from fedhb.algorithms.base import Algorithm, algo_key
 
-C_I, C, DC = "algo/scaffold/c_i/", "algo/scaffold/c/", "algo/scaffold/dc/"
+if TYPE_CHECKING:
+    from fedhb.algorithms.trainer import LocalTrainer
+
+C_I, C, DC = algo_key("scaffold", "c_i/"), algo_key("scaffold", "c/"), algo_key("scaffold", "dc/")
 
 
 class SCAFFOLD(Algorithm):
@@ -42,7 +46,6 @@ class SCAFFOLD(Algorithm):
         self.server_lr = server_lr
         self._x: State | None = None
         self._c: State | None = None
-        self._correction: State = {}
 
     def setup(self, names: list[str], initial: State | None = None, num_clients: int | None = None) -> None:
         super().setup(names, initial, num_clients)
@@ -53,37 +56,33 @@ class SCAFFOLD(Algorithm):
             self._c = {k: torch.zeros_like(v) for k, v in initial.items()}
 
     def init_client_state(self, state: State, client: int) -> State:
-        model = [k for k in state if not k.startswith("algo/")]
+        model = list(self.model_part(state))
         for prefix in (C_I, C, DC):
             state.update({prefix + k: torch.zeros_like(state[k]) for k in model})
         return state
 
     def upload(self, state: State) -> State:
-        # At set-up the loop asks for the layout with a bare model state, before any control variate exists.
-        return {**{k: state[k] for k in self.names},
-                **{DC + k: state[DC + k] if DC + k in state else torch.zeros_like(state[k]) for k in self.names}}
+        return {**{k: state[k] for k in self.names}, **{DC + k: state[DC + k] for k in self.names}}
 
     def local_update(self, trainer: LocalTrainer, state: State) -> None:
         x = trainer.read()
         c_i = trainer.to_device({k: state[C_I + k] for k in self.names})
         c = trainer.to_device({k: state[C + k] for k in self.names})
-        self._correction = {k: c[k] - c_i[k] for k in self.names}
+        correction = {k: c[k] - c_i[k] for k in self.names}
+
+        def corrected(params: dict[str, nn.Parameter]) -> None:  # g - c_i + c
+            for name, p in params.items():
+                if p.grad is not None:
+                    p.grad.add_(correction[name])
+
         start = trainer.steps
-        try:
-            trainer.fit()
-        finally:
-            self._correction = {}
+        trainer.fit(before_step=corrected)
         y = trainer.read()
         steps = trainer.steps - start
         for k in self.names:
             new = scaffold_control_variate(c_i[k], c[k], x[k], y[k], steps, trainer.lr)
             state[DC + k] = (new - c_i[k]).cpu()
             state[C_I + k] = new.cpu()
-
-    def on_before_optimizer_step(self, module: ClientModule) -> None:
-        for name, p in module.trainable().items():
-            if p.grad is not None:
-                p.grad.add_(self._correction[name])
 
     def aggregate(self, uploads: dict[int, State], num_samples: dict[int, int]) -> dict[int, State]:
         assert self._x is not None and self._c is not None

@@ -1,17 +1,19 @@
-"""``LocalTrainer``: what an algorithm may do with the client being trained, and nothing else.
+"""``LocalTrainer``: the client-side tool for one client's local training, and nothing else.
 
-The loop builds one per client and round and hands it to :meth:`Algorithm.local_update`. Plain methods call
-``trainer.fit()``; methods with their own local procedure (Ditto's personal model, APFL's mixture, FedRep's
-alternating phases, FedALA's weight learning, MOON's representations of other models, APPLE's core mixture) compose
-the same few operations: load tensors into the model, run epochs with a loss and a set of trainable tensors, take
-gradients, read tensors back. The loop still owns seeds, data order, devices and failure handling.
+The loop builds one per client and round and hands it to the algorithm's ``local_update``. The trainer knows nothing
+of algorithms: plain methods call ``trainer.fit()``; methods with their own local procedure (Ditto's personal model,
+APFL's mixture, FedRep's alternating phases, FedALA's weight learning, MOON's representations of other models, APPLE's
+core mixture) compose the same few operations: load tensors into the model, run epochs with a loss and a set of
+trainable tensors, take gradients, read tensors back. Per-step behaviour comes in as closures: ``loss`` (a term added
+to the task loss: FedProx, MOON) and ``before_step`` (a gradient correction: SCAFFOLD). The loop still owns seeds, data
+order, devices and failure handling.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,13 +22,18 @@ from torch import Tensor
 from fedhb.algorithms._ops import State
 
 if TYPE_CHECKING:
-    from fedhb.algorithms.base import Algorithm
+    from lightning.fabric import Fabric
+    from torch import nn
+
     from fedhb.client import ClientModule
     from fedhb.config import OptimArgs
 
 #: ``loss(batch, out, rows)``: a term added to the task loss; ``rows`` are the batch's positions in the client's
 #: training split (what :meth:`LocalTrainer.features` is indexed by).
 ExtraLoss = Callable[[dict[str, Tensor], dict[str, Tensor], Tensor], "Tensor | None"]
+#: ``before_step(params)``: called after backward, before the optimizer step, with the tensors being trained by name
+#: (their ``.grad`` hold true gradients, the fp16 loss scale already divided out).
+BeforeStep = Callable[[dict[str, "nn.Parameter"]], None]
 
 
 class Diverged(RuntimeError):
@@ -38,10 +45,10 @@ class LocalTrainer:
 
     Args:
         fabric: The launched Fabric (devices, precision, backward).
-        module: The process's model as set up by Fabric (its methods run under the precision plugin).
+        module: The process's model as set up by Fabric (its methods run under the precision plugin; Fabric's wrapper
+            forwards the :class:`~fedhb.client.ClientModule`'s methods).
         client_module: The unwrapped :class:`~fedhb.client.ClientModule`.
         optimizer: The process's optimizer over every trainable tensor; its state is reset by :meth:`fit`.
-        algorithm: The algorithm (its ``extra_loss`` and ``on_before_optimizer_step`` hooks run in :meth:`step`).
         tensors: Every sample's prepared inputs and ``labels``, indexed by sample, on CPU.
         index: The client's training sample indices.
         epochs: ``--federation.local_epochs``.
@@ -55,11 +62,12 @@ class LocalTrainer:
         client: Client id.
     """
 
-    def __init__(self, fabric: Any, module: Any, client_module: ClientModule, optimizer: Any, algorithm: Algorithm,
-                 tensors: dict[str, Tensor], index: np.ndarray, *, epochs: int, batch_size: int, eval_batch_size: int,
-                 lr: float, optim: OptimArgs, seed: int, round: int, rounds: int, client: int) -> None:
+    def __init__(self, fabric: Fabric, module: ClientModule, client_module: ClientModule,
+                 optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], index: np.ndarray, *, epochs: int,
+                 batch_size: int, eval_batch_size: int, lr: float, optim: OptimArgs, seed: int, round: int, rounds: int,
+                 client: int) -> None:
         self.fabric, self.module, self.client_module = fabric, module, client_module
-        self.optimizer, self.algorithm, self.tensors, self.index = optimizer, algorithm, tensors, index
+        self.optimizer, self.tensors, self.index = optimizer, tensors, index
         self.epochs, self.batch_size, self.eval_batch_size = epochs, batch_size, eval_batch_size
         self.lr, self.optim, self.round, self.rounds, self.client = lr, optim, round, rounds, client
         self.order = torch.Generator().manual_seed(seed)
@@ -90,6 +98,10 @@ class LocalTrainer:
             raise KeyError(f"tensors the model does not have: {unknown[:5]}")
         for name, value in tensors.items():
             self.params[name].copy_(value)
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """The tensors being trained now, by name: every trainable tensor but those a phase (:meth:`only`) froze."""
+        return {n: p for n, p in self.params.items() if p.requires_grad}
 
     def read(self, names: Iterable[str] | None = None) -> State:
         """Detached copies of the model's trainable tensors (or of ``names``), on the model's device."""
@@ -152,37 +164,40 @@ class LocalTrainer:
         self._loss_sum += self.last_loss
         self.steps += 1
 
-    def step(self, batch: dict[str, Tensor], rows: Tensor | None = None, loss: ExtraLoss | None = None) -> Tensor:
-        """One optimizer step on ``batch``: task loss plus ``loss(batch, out, rows)`` (default: the algorithm's
-        ``extra_loss``), backward, the algorithm's ``on_before_optimizer_step``, step. Returns the loss."""
+    def step(self, batch: dict[str, Tensor], rows: Tensor | None = None, loss: ExtraLoss | None = None,
+             before_step: BeforeStep | None = None) -> Tensor:
+        """One optimizer step on ``batch``: task loss plus ``loss(batch, out, rows)``, backward,
+        ``before_step(trainable tensors)``, step. Returns the loss."""
         # The module is not wrapped (fedhb parallelises over clients), so --fabric.precision applies through here.
         with self.fabric.autocast():
             out = self.module.training_step(batch)
             value = out["loss"]
-            extra = (self.algorithm.extra_loss(self.client_module, batch, out) if loss is None
-                     else loss(batch, out, rows if rows is not None else torch.arange(len(batch["labels"]))))
-            if extra is not None:
-                value = value + extra
+            if loss is not None:
+                extra = loss(batch, out, rows if rows is not None else torch.arange(len(batch["labels"])))
+                if extra is not None:
+                    value = value + extra
         self._check(value)
         self.fabric.backward(value)
         # Under --fabric.precision 16-mixed the gradients are multiplied by the loss scale: divide it out first, so
-        # the hook sees (and corrects) true gradients; the scaler's step then does not divide again.
+        # before_step sees (and corrects) true gradients; the scaler's step then does not divide again.
         self.fabric.strategy.precision.unscale_gradients(getattr(self.optimizer, "optimizer", self.optimizer))
-        self.algorithm.on_before_optimizer_step(self.client_module)
+        if before_step is not None:
+            before_step(self.trainable())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._record(value)
         return value.detach()
 
     def fit(self, epochs: int | None = None, trainable: Iterable[str] | None = None, loss: ExtraLoss | None = None,
-            fraction: float = 1.0) -> float:
+            fraction: float = 1.0, before_step: BeforeStep | None = None) -> float:
         """Train for ``epochs`` (default ``--federation.local_epochs``) with a fresh optimizer state.
 
         Args:
             epochs: Passes over the client's training split.
             trainable: Tensor names that are updated (default: all trainable tensors).
-            loss: Extra loss term ``loss(batch, out, rows)``; default: the algorithm's ``extra_loss``.
+            loss: Extra loss term ``loss(batch, out, rows)`` added at every step.
             fraction: Fraction of each epoch's shuffled order to use.
+            before_step: Gradient correction ``before_step(trainable tensors)`` at every step.
 
         Returns:
             The mean loss of this call's steps (NaN without data).
@@ -193,7 +208,7 @@ class LocalTrainer:
         self.module.train()
         with self.only(trainable):
             for rows, batch in self.batches(epochs, fraction):
-                self.step(batch, rows, loss)
+                self.step(batch, rows, loss, before_step)
         done = self.steps - steps
         return (self._loss_sum - total) / done if done else float("nan")
 
@@ -242,7 +257,7 @@ class LocalTrainer:
                 out.append(self.client_module.features(batch).float())
         self.module.train(was_training)
         if not out:
-            return torch.zeros(0, self.client_module.encoder.hidden_size, device=self.device)
+            return torch.zeros(0, self.client_module.feature_size, device=self.device)
         return torch.cat(out)
 
     @property

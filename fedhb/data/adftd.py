@@ -175,7 +175,3 @@ class ADFTD(FederatedDataset):
             meta={"sample_rate": self.target_rate, "channels": reference,
                   "participants": [p for p, _ in participants]},
         )
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "use_derivatives": self.use_derivatives, "target_rate": self.target_rate,
-                "segment_seconds": self.segment_seconds, "fraction": self.fraction}

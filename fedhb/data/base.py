@@ -80,7 +80,3 @@ class FederatedDataset:
 
     def load(self) -> Samples:
         raise NotImplementedError
-
-    def describe(self) -> dict[str, Any]:
-        """What goes into ``summary.json`` as the dataset."""
-        return {"name": self.name}

@@ -1,6 +1,7 @@
 """Small, learnable files in the exact official formats, for tests and for trying fedhb without the real data.
 
-``python -m fedhb.data.fixtures --flag organamnist --root data/fixture`` writes ``data/fixture/organamnist.npz``.
+``python -m fedhb.data.fixtures --flag organamnist --root data/fixture`` writes ``data/fixture/organamnist.npz``;
+``--size 224`` writes ``organamnist_224.npz``, the file ``--data.size 224`` reads.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedhb.data.medmnist import SPLITS, medmnist_filename, medmnist_info
+from fedhb.data.medmnist import SIZES, SPLITS, medmnist_filename, medmnist_info
 
 
 def class_images(num_classes: int, n: int, size: int, channels: int, rng: np.random.Generator,
@@ -74,14 +75,15 @@ def write_medmnist_fixture(
     return path
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--flag", default="organamnist")
     parser.add_argument("--root", default="data/fixture")
-    parser.add_argument("--size", type=int, default=28)
+    parser.add_argument("--size", type=int, default=28, choices=SIZES,
+                        help="image size; 64, 128 and 224 write {flag}_{size}.npz, as --data.size reads them")
     parser.add_argument("--samples", type=int, nargs=3, default=(600, 100, 300))
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(write_medmnist_fixture(args.root, args.flag, args.size, tuple(args.samples), args.seed))
 
 

@@ -4,6 +4,11 @@ fedhb without the real data.
 ``python -m fedhb.data.fixtures_signals --dataset ptbxl --root data/fixture/ptbxl`` writes a PTB-XL-shaped folder
 (``ptbxl_database.csv``, ``scp_statements.csv``, WFDB records in ``records100/`` and ``records500/``). The class of a
 sample shows as the frequency of its signal, so tiny models can learn it; every patient's records share one class.
+
+The default sizes are what the configs' header commands need (``--partition.scheme natural --partition.num_clients
+3``, split 40/30/30 by patient): patients are dealt to the clients in turn and their classes cycle, so each client
+gets three patients of every class, one each for its train, val and test split. With fewer, a client is tested on
+classes it never trained on and its validation split is empty (``fedhb.data.partition`` warns about both).
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ def _write_wfdb(path: Path, signal: np.ndarray, rate: int) -> None:
                 fmt=["16"] * 12, adc_gain=[1000.0] * 12, baseline=[0] * 12, write_dir=str(path.parent))
 
 
-def write_ptbxl_fixture(root: str | Path, patients: int = 10, records_per_patient: int = 2, seed: int = 0,
+def write_ptbxl_fixture(root: str | Path, patients: int = 45, records_per_patient: int = 1, seed: int = 0,
                         source: np.ndarray | None = None, source_rate: float = 500.0,
                         source_noise: float = 0.02) -> Path:
     """A PTB-XL folder: both CSV files with the published columns and 10-second WFDB records at 100 and 500 Hz.
@@ -86,7 +91,8 @@ def write_ptbxl_fixture(root: str | Path, patients: int = 10, records_per_patien
     Patient ``p`` has class ``p % 5``; its records carry one diagnostic code of that class (likelihood 100), a rhythm
     code, and sometimes a weaker code of another class. Folds cycle through 1-10. With ``source`` (a ``(12, T)`` ECG
     in mV at ``source_rate``, at least 10 s), every record is its first 10 s, scaled by a random factor in [0.8, 1.2]
-    plus Gaussian noise of ``source_noise`` mV, instead of a synthetic wave.
+    plus Gaussian noise of ``source_noise`` mV, instead of a synthetic wave. 45 patients give each of 3 clients 3
+    patients per class.
 
     Returns:
         ``root``.
@@ -213,12 +219,13 @@ def _write_recording(wav: Path, labels: list[int], rate: int, cycle: float, gap:
     return events
 
 
-def write_icbhi_fixture(root: str | Path, patients: int = 8, cycles: int = 4, cycle_seconds: float = 0.6,
+def write_icbhi_fixture(root: str | Path, patients: int = 36, cycles: int = 6, cycle_seconds: float = 0.6,
                         seed: int = 0) -> Path:
     """``{root}/ICBHI_final_database/`` with ``.wav`` + ``.txt`` pairs and ``ICBHI_challenge_train_test.txt``.
 
     Patient ``101 + k`` has two recordings (a 4 kHz Meditron one and a 44.1 kHz AKG C417L one) whose cycles are all
     of class ``k % 4``. Annotation lines are tab-separated ``start end crackles wheezes`` like the published ones.
+    36 patients give each of 3 clients 3 patients per class.
     """
     root = Path(root)
     folder = root / "ICBHI_final_database"
@@ -273,12 +280,12 @@ WRITERS: dict[str, Callable[..., Path]] = {
 }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=sorted(WRITERS), required=True)
     parser.add_argument("--root", required=True)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(WRITERS[args.dataset](args.root, seed=args.seed))
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 from fedhb.data._signal_io import ClipCollector, read_wav
 from fedhb.data.base import FederatedDataset, Samples
@@ -125,7 +124,3 @@ class ICBHI(FederatedDataset):
                     raise ValueError(f"{annotation}: a cycle starts at {start} s but {wav.name} lasts {seconds:.3f} s")
                 clips.add(audio, rate, start, end, label, int(match.group(1)), number, official.get(wav.stem, "all"))
         return clips.samples(f"{folder}: the annotation files list no breathing cycle")
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "sample_rate": self.sample_rate, "duration": self.duration, "pad": self.pad,
-                "fraction": self.fraction}

@@ -23,7 +23,6 @@ import importlib.util
 import tarfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -139,6 +138,3 @@ class IUXrayReports(FederatedDataset):
             groups={"study": group_ids(ids)}, label_names=list(LABELS),
             meta={"dataset": self.name, "skipped_reports": skipped},
         )
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "sections": self.sections, "fraction": self.fraction}

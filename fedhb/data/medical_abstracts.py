@@ -15,7 +15,6 @@ import csv
 import io
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -159,6 +158,3 @@ class MedicalAbstracts(FederatedDataset):
             modality="text", groups={"abstract": group_ids(texts)}, source_split=np.concatenate(source),
             label_names=list(LABELS), meta={"dataset": self.name},
         )
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "fraction": self.fraction, "splits": self.splits}

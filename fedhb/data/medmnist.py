@@ -14,6 +14,8 @@ import hashlib
 import io
 import os
 import urllib.request
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -76,43 +78,64 @@ def download_medmnist(flag: str, size: int, root: str | Path) -> Path:
     return path
 
 
+#: What numpy raises for a cut-off or damaged ``.npz`` (a zip archive), when opened or when a member is read.
+_DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError)
+
+
 def read_medmnist_npz(path: str | Path, flag: str, size: int, num_classes: int, multi_label: bool) -> dict[str, Any]:
     """Read and check one official file; every problem names the file and what is wrong."""
     path = Path(path)
     try:
         npz = np.load(path, allow_pickle=False)
+    except _DAMAGED as err:
+        raise ValueError(_damaged(path, flag, size, err)) from err
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: not a readable .npz file ({err}); delete it and download it again") from err
-    with npz:
-        missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in npz.files]
-        if missing:
-            raise ValueError(f"{path}: missing keys {missing}; a MedMNIST file has {[f'{s}_images' for s in SPLITS]} "
-                             f"and {[f'{s}_labels' for s in SPLITS]}, found {sorted(npz.files)}")
-        out: dict[str, Any] = {}
-        for split in SPLITS:
-            images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
-            where = f"{path}: {split}_images"
-            if images.dtype != np.uint8:
-                raise ValueError(f"{where} has dtype {images.dtype}, expected uint8")
-            if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] != 3):
-                raise ValueError(f"{where} has shape {images.shape}, expected (N, {size}, {size}) or "
-                                 f"(N, {size}, {size}, 3)")
-            if images.shape[1:3] != (size, size):
-                raise ValueError(f"{where} holds {images.shape[1]}x{images.shape[2]} images but --data.size is "
-                                 f"{size}; use the file {medmnist_filename(flag, images.shape[1])} or set --data.size")
-            width = num_classes if multi_label else 1
-            if labels.ndim == 1:
-                labels = labels[:, None]
-            if labels.ndim != 2 or labels.shape != (len(images), width):
-                raise ValueError(f"{path}: {split}_labels has shape {labels.shape}, expected ({len(images)}, {width}) "
-                                 f"to match {split}_images")
-            if not np.issubdtype(labels.dtype, np.integer):
-                raise ValueError(f"{path}: {split}_labels has dtype {labels.dtype}, expected an integer type")
-            high = 1 if multi_label else num_classes - 1
-            if labels.size and (labels.min() < 0 or labels.max() > high):
-                raise ValueError(f"{path}: {split}_labels holds values in [{labels.min()}, {labels.max()}], "
-                                 f"expected [0, {high}] for {flag}")
-            out[split] = (images, labels)
+    try:
+        with npz:
+            return _check_arrays(npz, path, flag, size, num_classes, multi_label)
+    except _DAMAGED as err:
+        raise ValueError(_damaged(path, flag, size, err)) from err
+
+
+def _damaged(path: Path, flag: str, size: int, err: Exception) -> str:
+    url, md5 = _url_md5(medmnist_info(flag), size)
+    return (f"{path}: the file is truncated or damaged ({type(err).__name__}: {err}; {path.stat().st_size:,} bytes; "
+            f"an interrupted download or copy?). Delete it, then download {url} (MD5 {md5}) again or rerun with "
+            f"--data.download true")
+
+
+def _check_arrays(npz: Any, path: Path, flag: str, size: int, num_classes: int, multi_label: bool) -> dict[str, Any]:
+    """Check every split of an open file and return ``{split: (images, labels)}``."""
+    missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in npz.files]
+    if missing:
+        raise ValueError(f"{path}: missing keys {missing}; a MedMNIST file has {[f'{s}_images' for s in SPLITS]} "
+                         f"and {[f'{s}_labels' for s in SPLITS]}, found {sorted(npz.files)}")
+    out: dict[str, Any] = {}
+    for split in SPLITS:
+        images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
+        where = f"{path}: {split}_images"
+        if images.dtype != np.uint8:
+            raise ValueError(f"{where} has dtype {images.dtype}, expected uint8")
+        if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] != 3):
+            raise ValueError(f"{where} has shape {images.shape}, expected (N, {size}, {size}) or "
+                             f"(N, {size}, {size}, 3)")
+        if images.shape[1:3] != (size, size):
+            raise ValueError(f"{where} holds {images.shape[1]}x{images.shape[2]} images but --data.size is "
+                             f"{size}; use the file {medmnist_filename(flag, images.shape[1])} or set --data.size")
+        width = num_classes if multi_label else 1
+        if labels.ndim == 1:
+            labels = labels[:, None]
+        if labels.ndim != 2 or labels.shape != (len(images), width):
+            raise ValueError(f"{path}: {split}_labels has shape {labels.shape}, expected ({len(images)}, {width}) "
+                             f"to match {split}_images")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"{path}: {split}_labels has dtype {labels.dtype}, expected an integer type")
+        high = 1 if multi_label else num_classes - 1
+        if labels.size and (labels.min() < 0 or labels.max() > high):
+            raise ValueError(f"{path}: {split}_labels holds values in [{labels.min()}, {labels.max()}], "
+                             f"expected [0, {high}] for {flag}")
+        out[split] = (images, labels)
     return out
 
 
@@ -170,10 +193,11 @@ class MedMNIST(FederatedDataset):
             if self.download:
                 download_medmnist(self.flag, self.size, self.root)
             else:
+                size = "" if self.size == 28 else f" --size {self.size}"
                 raise FileNotFoundError(
                     f"MedMNIST file not found: {path}. Download {url} (MD5 {md5}) into --data.root, or pass "
                     f"--data.download true; for a small test file run "
-                    f"`python -m fedhb.data.fixtures --flag {self.flag} --root {self.root}`."
+                    f"`python -m fedhb.data.fixtures --flag {self.flag} --root {self.root}{size}`."
                 )
         multi_label = info["task"].startswith("multi-label")
         label_names = [info["label"][str(i)] for i in range(len(info["label"]))]
@@ -189,6 +213,3 @@ class MedMNIST(FederatedDataset):
             inputs=images, labels=labels, num_classes=num_classes, task=task, modality="image",
             source_split=source, label_names=label_names, meta={"channels": 1 if images.ndim == 3 else 3},
         )
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.flag, "size": self.size, "fraction": self.fraction, "splits": self.splits}

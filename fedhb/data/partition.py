@@ -7,10 +7,12 @@ label of its samples.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
+from fedhb import seeds
 from fedhb.data.base import Samples
 
 
@@ -43,7 +45,7 @@ def subsample(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Indices of a stratified, seeded ``fraction`` of the samples (at least one per class), sorted."""
     if fraction >= 1:
         return np.arange(len(labels))
-    rng = np.random.default_rng([seed, 101])
+    rng = seeds.rng(seed, seeds.Stream.SUBSAMPLE)
     keep = []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
@@ -121,7 +123,7 @@ def partition_units(
     if num_units < num_clients:
         what = "groups" if groups is not None else "samples"
         raise ValueError(f"--partition.num_clients={num_clients} is more than the {num_units} {what} in the data")
-    rng = np.random.default_rng([seed, 202])
+    rng = seeds.rng(seed, seeds.Stream.PARTITION)
     assign: list[list[int]] = [[] for _ in range(num_clients)]
     if scheme == "iid":
         for k, u in enumerate(rng.permutation(num_units)):
@@ -211,8 +213,61 @@ def partition_samples(
     seed: int,
     group_key: np.ndarray | None = None,
 ) -> list[ClientSplit]:
-    """Partition ``samples`` over clients and split each client's share; see :func:`partition_units`."""
+    """Partition ``samples`` over clients and split each client's share; see :func:`partition_units`.
+
+    Warns (one :class:`PartitionWarning` naming the clients) when the result cannot be learned or validated as asked:
+    see :func:`unlearnable_clients`. The partition itself is the same with or without the warning.
+    """
     strat = samples.stratify_labels
     shares = partition_units(strat, group_key, scheme, num_clients, alpha, min_samples, seed)
-    return [split_client(idx, strat, group_key, split, int(np.random.SeedSequence([seed, 303, k]).generate_state(1)[0]))
-            for k, idx in enumerate(shares)]
+    splits = [split_client(idx, strat, group_key, split, seeds.derive(seed, seeds.Stream.SPLIT, k))
+              for k, idx in enumerate(shares)]
+    problem = unlearnable_clients(samples, splits, split)
+    if problem is not None:
+        warnings.warn(problem, PartitionWarning, stacklevel=2)
+    return splits
+
+
+class PartitionWarning(UserWarning):
+    """A partition that runs but measures little: clients tested on classes they never train on, or empty splits."""
+
+
+def _clients(ids: list[int], total: int, limit: int = 8) -> str:
+    """``client 3 of 20`` or ``clients 0, 1, 2 of 20`` (the first ``limit`` of them)."""
+    shown = ", ".join(map(str, ids[:limit])) + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+    return f"client{'s' if len(ids) > 1 else ''} {shown} of {total}"
+
+
+def unlearnable_clients(samples: Samples, splits: list[ClientSplit],
+                        fractions: tuple[float, float, float] = (0.4, 0.3, 0.3)) -> str | None:
+    """What is wrong with a partition, in one line, or ``None``.
+
+    Two things are reported: clients whose test split holds classes absent from their training split (their own
+    model cannot have learned those samples), and splits left empty although their fraction (``--partition.split``)
+    is above zero (a validation split of 0 is a choice; an empty one at 0.3 means too few samples or groups).
+    """
+    names = samples.label_names or [f"class {c}" for c in range(samples.num_classes)]
+    unseen: dict[int, list[str]] = {}
+    empty: dict[str, list[int]] = {}
+    for k, s in enumerate(splits):
+        train = class_counts(samples.labels, s.train, samples.num_classes)
+        test = class_counts(samples.labels, s.test, samples.num_classes)
+        missing = [names[c] for c in range(samples.num_classes) if test[c] > 0 and train[c] == 0]
+        if missing:
+            unseen[k] = missing
+        for name, fraction in zip(("train", "val", "test"), fractions):
+            if fraction > 0 and len(getattr(s, name)) == 0:
+                empty.setdefault(name, []).append(k)
+    parts = []
+    if unseen:
+        ids = sorted(unseen)
+        detail = "; ".join(f"client {k}: {', '.join(unseen[k])}" for k in ids[:4]) + ("; ..." if len(ids) > 4 else "")
+        verb = "are" if len(ids) > 1 else "is"
+        parts.append(f"{_clients(ids, len(splits))} {verb} tested on classes absent from the training split ({detail})")
+    for name, ids in empty.items():
+        parts.append(f"the {name} split of {_clients(ids, len(splits))} is empty")
+    if not parts:
+        return None
+    return ("partition: " + "; ".join(parts) + ". Their scores measure little: give each client more samples or "
+            "groups (a larger --data.fraction, fewer --partition.num_clients) or a milder label skew (a larger "
+            "--partition.alpha); partition.json lists every client's class counts")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import ast
 import csv
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -190,7 +189,3 @@ class PTBXL(FederatedDataset):
             label_names=list(SUPERCLASSES),
             meta={"sample_rate": self.target_rate, "channels": list(LEADS)},
         )
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "sampling_rate": self.sampling_rate, "target_rate": self.target_rate,
-                "segment_seconds": self.segment_seconds, "multi_label": self.multi_label, "fraction": self.fraction}

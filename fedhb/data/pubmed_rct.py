@@ -19,7 +19,7 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -200,6 +200,3 @@ class PubMedRCT(FederatedDataset):
             modality="text", groups={"abstract": group_ids(abstracts)}, source_split=np.concatenate(source),
             label_names=list(LABELS), meta={"dataset": self.name},
         )
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "fraction": self.fraction, "splits": self.splits, "lowercase": self.lowercase}

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 from fedhb.data._signal_io import ClipCollector, read_wav
 from fedhb.data.base import FederatedDataset, Samples
@@ -121,7 +120,3 @@ class SPRSound(FederatedDataset):
                           str(annotation.parent.relative_to(root)))
         return clips.samples(f"{root}: no respiratory event in any annotation named like a SPRSound recording "
                              f"(patient_age_gender_location_number.json, e.g. 65058931_3.4_1_p2_1086.json)")
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "sample_rate": self.sample_rate, "duration": self.duration, "pad": self.pad,
-                "fraction": self.fraction}

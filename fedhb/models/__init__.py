@@ -32,4 +32,9 @@ def build_encoder(args: ModelArgs, samples: Samples) -> Encoder:
     return encoder
 
 
-__all__ = ["Encoder", "apply_lora", "build_encoder", "resolve_target_modules"]
+def build_encoders(args: ModelArgs, samples: Samples) -> dict[str, Encoder]:
+    """``{modality: encoder}`` of the client model: one frozen backbone with LoRA per modality of ``samples``."""
+    return {samples.modality: build_encoder(args, samples)}
+
+
+__all__ = ["Encoder", "apply_lora", "build_encoder", "build_encoders", "resolve_target_modules"]

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from fedhb.data._signal_io import resample
 from fedhb.data.base import Samples
-from fedhb.models.base import Encoder, load_pretrained
+from fedhb.models.base import Encoder, check_preset_modality, load_pretrained
 
 #: Random-init wav2vec2 of the real structure (7-layer conv feature encoder with total stride 320, conv positional
 #: embedding, post-norm transformer), tiny widths: ~26k parameters.
@@ -78,6 +78,8 @@ def _processor_settings(backbone: str) -> tuple[int, bool]:
 def build_audio_encoder(backbone: str) -> AudioEncoder:
     """A preset name (``tiny-wav2vec2``), a hub id (``facebook/wav2vec2-base-960h``) or a local folder."""
     from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    check_preset_modality(backbone, "audio")
 
     if backbone in AUDIO_PRESETS:
         return AudioEncoder(Wav2Vec2Model(Wav2Vec2Config(**AUDIO_PRESETS[backbone])))

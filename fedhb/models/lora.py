@@ -1,11 +1,191 @@
-"""LoRA adapters (Hu et al., arXiv 2106.09685) injected into a frozen backbone with peft."""
+"""Everything fedhb knows about LoRA (Hu et al., arXiv 2106.09685), in one file, as LitGPT keeps it in ``lora.py``.
+
+- **Injection** (:func:`apply_lora`): peft adapters on a frozen backbone's attention projections.
+- **Names** (:func:`is_lora`, :func:`is_lora_a`, :func:`is_lora_b`, :func:`lora_pairs`, :func:`layer_of`,
+  :func:`adapter_names`): which trainable tensor is which factor of which adapted layer. No other file spells peft's
+  parameter names.
+- **Ranks** (:func:`rank_part`, :data:`RANK_KEY`, :func:`run_at_rank`): a client may run the process's rank-``r``
+  adapters at a lower rank ``r_k``: the first ``r_k`` rows of A and columns of B, the rest held at zero, with the
+  scaling ``alpha / r_k``.
+- **Merging** (:class:`BaseMerge`): writing an accumulated low-rank update into the frozen weights.
+
+Only :func:`apply_lora` imports peft; the name helpers are plain string functions, so algorithms can use them without
+importing any model library.
+"""
 
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
-from fedhb.config import LoRAArgs
+if TYPE_CHECKING:
+    from torch import Tensor, nn
 
+    from fedhb.config import LoRAArgs
+
+_A, _B = ".lora_A.", ".lora_B."
+#: The name fragment every peft LoRA parameter carries (``lora_A``, ``lora_B``, ``lora_embedding_*``).
+_FRAGMENT = "lora_"
+#: peft's adapter name: fedhb injects one adapter per backbone.
+_ADAPTER = "default"
+#: A client state may hold its LoRA rank under this key; loading such a state runs the adapters at that rank.
+RANK_KEY = "lora/rank"
+
+
+# -- names ----------------------------------------------------------------------------------------------------------
+def is_lora(name: str) -> bool:
+    """Whether trainable tensor ``name`` is a LoRA factor (A or B)."""
+    return _A in name or _B in name
+
+
+def is_lora_a(name: str) -> bool:
+    return _A in name
+
+
+def is_lora_b(name: str) -> bool:
+    return _B in name
+
+
+def layer_of(name: str) -> str:
+    """The module path of the adapted layer that LoRA factor ``name`` belongs to (``...attention.query``)."""
+    for fragment in (_A, _B):
+        if fragment in name:
+            return name.split(fragment)[0]
+    raise ValueError(f"{name!r} is not a LoRA factor")
+
+
+def adapter_names(layer: str) -> tuple[str, str]:
+    """The ``(A, B)`` parameter names peft gives the adapter of module ``layer`` (for tests and fixtures)."""
+    return f"{layer}{_A}{_ADAPTER}.weight", f"{layer}{_B}{_ADAPTER}.weight"
+
+
+def lora_pairs(names: Iterable[str]) -> list[tuple[str, str]]:
+    """``(A name, B name)`` of every LoRA-adapted module, in model order."""
+    names = list(names)
+    known = set(names)
+    pairs = []
+    for name in names:
+        if _A in name:
+            b = name.replace(_A, _B)
+            if b not in known:
+                raise ValueError(f"LoRA A matrix {name} has no B matrix {b}")
+            pairs.append((name, b))
+    return pairs
+
+
+def select_layers(pairs: list[tuple[str, str]], layers: str) -> list[tuple[str, str]]:
+    """``all``, ``first_half`` or ``second_half`` of the LoRA modules in model order (the middle one goes to the
+    second half when the count is odd)."""
+    half = len(pairs) // 2
+    if layers == "all":
+        return pairs
+    if layers == "first_half":
+        return pairs[:half] or pairs[:1]
+    if layers == "second_half":
+        return pairs[half:]
+    raise ValueError(f"--algorithm.layers must be all, first_half or second_half; got {layers!r}")
+
+
+# -- ranks ----------------------------------------------------------------------------------------------------------
+def rank_part(name: str, value: Tensor, rank: int, beyond: bool = False) -> Tensor:
+    """A view of LoRA factor ``name``'s first ``rank`` components (A's rows, B's columns) or, with ``beyond``, of the
+    rest; tensors other than LoRA's are returned whole."""
+    part = slice(rank, None) if beyond else slice(None, rank)
+    if _A in name:
+        return value[part]
+    if _B in name:
+        return value[:, part]
+    return value
+
+
+def rank_of(state: Mapping[str, Tensor]) -> int:
+    """The LoRA rank of the adapters in ``state`` (the rows of its first A matrix; 0 without LoRA)."""
+    for name, value in state.items():
+        if _A in name:
+            return int(value.shape[0])
+    return 0
+
+
+def _lora_modules(module: nn.Module) -> dict[str, Any]:
+    """peft's LoRA layers of ``module`` by path (those with a ``scaling`` dict and a frozen ``base_layer``)."""
+    return {name: m for name, m in module.named_modules()
+            if isinstance(getattr(m, "scaling", None), dict) and hasattr(m, "base_layer")}
+
+
+class RankedAdapters:
+    """Runs a module's LoRA adapters at the rank a loaded client state asks for (:data:`RANK_KEY`).
+
+    Client ``k`` of rank ``r_k`` uses the first ``r_k`` rows of every A and columns of every B of the process's
+    rank-``r`` adapters; the rest is zeroed (so their gradients are exactly zero and stay zero under any optimizer)
+    and LoRA's scaling becomes ``alpha / r_k``. A state without a rank runs at the module's own rank and scaling.
+    Nothing happens (and nothing is scanned) until a state with a rank is loaded.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self._layers: dict[str, Any] | None = None
+        self._scaling: dict[str, float] = {}  # each layer's own alpha / r
+        self._rank: int | None = None  # the rank the module runs at now (None: its own)
+
+    def _modules(self) -> dict[str, Any]:
+        if self._layers is None:
+            self._layers = _lora_modules(self.module)
+            self._scaling = {k: float(m.scaling[_ADAPTER]) for k, m in self._layers.items()}
+        return self._layers
+
+    def load(self, state: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> None:
+        """After ``state``'s tensors were copied into ``params`` (the module's trainable parameters by name)."""
+        import torch
+
+        rank = int(state[RANK_KEY]) if RANK_KEY in state else None
+        if rank is None and self._rank is None:
+            return
+        layers = self._modules()
+        full = rank_of(params)
+        with torch.no_grad():
+            for path, layer in layers.items():
+                layer.scaling[_ADAPTER] = self._scaling[path] * full / (rank or full)
+            if rank is not None:
+                for name, param in params.items():
+                    if is_lora(name):
+                        rank_part(name, param, rank, beyond=True).zero_()
+        self._rank = rank
+
+
+# -- merging ----------------------------------------------------------------------------------------------------------
+class BaseMerge:
+    """Writes ``W_0 + (alpha / r) * update`` into the frozen base weight of adapted layers.
+
+    ``W_0`` (the process's original frozen weight) is copied the first time a layer is merged, so merging is
+    idempotent and a resumed run merges into the original weights, not on top of them.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self._base: dict[str, Tensor] = {}
+
+    def merge(self, updates: Mapping[str, Tensor]) -> None:
+        """``updates``: layer path -> the accumulated low-rank update (before LoRA's scaling)."""
+        import torch
+
+        with torch.no_grad():
+            for path, update in updates.items():
+                layer: Any = self.module.get_submodule(path)
+                weight = layer.base_layer.weight
+                if path not in self._base:
+                    self._base[path] = weight.detach().clone()
+                scaling = _own_scaling(layer)
+                merged = self._base[path].to(torch.float64) + scaling * update.to(weight.device, torch.float64)
+                weight.copy_(merged.to(weight.dtype))
+
+
+def _own_scaling(layer: Any) -> float:
+    """The layer's LoRA scaling ``alpha / r`` at its full rank, whatever rank it runs at now (peft keeps ``r`` and
+    ``lora_alpha`` per adapter; fedhb does not enable rank-stabilised scaling)."""
+    return float(layer.lora_alpha[_ADAPTER] / layer.r[_ADAPTER])
+
+
+# -- injection -------------------------------------------------------------------------------------------------------
 # Generic names in configs map to what each architecture calls its attention projections (transformers 5.x renamed
 # ViT's `query`/`value` to `q_proj`/`v_proj`; DistilBERT uses `q_lin`, T5 and MOMENT use `q`). A dotted alias is a
 # module-path suffix: BERT's attention output is `attention.output.dense` (its feed-forward output is `output.dense`).
@@ -18,6 +198,8 @@ ALIASES: dict[str, tuple[str, ...]] = {
 
 
 def _linear_names(model: nn.Module) -> list[str]:
+    from torch import nn
+
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name]
 
 
@@ -60,5 +242,5 @@ def apply_lora(model: nn.Module, args: LoRAArgs) -> nn.Module:
                         target_modules=targets, bias="none")
     model = inject_adapter_in_model(config, model)
     for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name)
+        p.requires_grad_(_FRAGMENT in name)
     return model

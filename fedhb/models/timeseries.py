@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedhb.data.base import Samples
-from fedhb.models.base import Encoder
+from fedhb.models.base import Encoder, check_preset_modality
 
 #: Random-init MOMENT of the real structure (512-sample input, 8-sample patches, gated-GELU T5 encoder), tiny widths.
 MOMENT_PRESETS: dict[str, dict[str, Any]] = {
@@ -273,6 +273,7 @@ def load_moment_weights(model: MomentBackbone, folder: str | Path) -> None:
 
 def build_moment(backbone: str) -> MomentBackbone:
     """A MOMENT backbone from a preset name, a hub id or a local folder (config.json + weights)."""
+    check_preset_modality(backbone, "signal")
     if backbone in MOMENT_PRESETS:
         return MomentBackbone(MOMENT_PRESETS[backbone])
     folder = _resolve_folder(backbone)

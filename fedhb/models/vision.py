@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fedhb.data.base import Samples
-from fedhb.models.base import Encoder, load_pretrained
+from fedhb.models.base import Encoder, check_preset_modality, load_pretrained
 
 # Random-init configs of the real model classes: CPU tests and smoke runs. ``tiny-vit`` has ~150k parameters.
 VISION_PRESETS: dict[str, dict] = {
@@ -61,6 +61,8 @@ class ImageEncoder(Encoder):
 def build_image_encoder(backbone: str) -> ImageEncoder:
     """A preset name, a hub id or a local folder."""
     from transformers import AutoConfig, AutoModel, ViTConfig, ViTModel
+
+    check_preset_modality(backbone, "image")
 
     if backbone in VISION_PRESETS:
         config = ViTConfig(**VISION_PRESETS[backbone])

@@ -14,7 +14,6 @@ import torch
 from lightning.fabric.plugins import Precision
 from torch import Tensor, nn
 
-from fedhb.algorithms import Algorithm
 from fedhb.algorithms.trainer import LocalTrainer
 from fedhb.config import OptimArgs
 
@@ -52,7 +51,7 @@ class ToyFabric:
         return contextlib.nullcontext()
 
 
-def toy_trainer(algorithm: Algorithm, params: dict[str, list[float]], data: list[float], *, lr: float = 0.5,
+def toy_trainer(params: dict[str, list[float]], data: list[float], *, lr: float = 0.5,
                 epochs: int = 1, batch_size: int = 64, client: int = 0, rnd: int = 1, rounds: int = 10,
                 optim: OptimArgs | None = None, fabric: Any = None) -> tuple[LocalTrainer, ToyModule]:
     """A trainer over ``params`` and samples ``data``; with ``fabric`` (a real one), module and optimizer are set up
@@ -63,7 +62,7 @@ def toy_trainer(algorithm: Algorithm, params: dict[str, list[float]], data: list
     if fabric is not None:
         wrapped, optimizer = fabric.setup(module, optimizer)
     tensors = {"x": torch.tensor(data, dtype=torch.float32), "labels": torch.zeros(len(data), dtype=torch.long)}
-    trainer = LocalTrainer(fabric or ToyFabric(), wrapped, module, optimizer, algorithm, tensors, np.arange(len(data)),
+    trainer = LocalTrainer(fabric or ToyFabric(), wrapped, module, optimizer, tensors, np.arange(len(data)),
                            epochs=epochs, batch_size=batch_size, eval_batch_size=batch_size, lr=lr,
                            optim=optim or OptimArgs(name="sgd", lr=lr, schedule="constant", min_lr=0.0), seed=0,
                            round=rnd, rounds=rounds, client=client)

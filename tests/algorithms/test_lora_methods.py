@@ -35,7 +35,7 @@ def test_fedsa_lora_averages_a_and_never_touches_b_or_the_head():
 def test_ffa_lora_trains_b_and_head_but_never_a():
     algo = FFALoRA()
     algo.setup([A, B, HEAD])
-    trainer, _ = toy_trainer(algo, {A: [0.0], B: [0.0], HEAD: [0.0]}, [2.0], epochs=2)
+    trainer, _ = toy_trainer({A: [0.0], B: [0.0], HEAD: [0.0]}, [2.0], epochs=2)
 
     algo.local_update(trainer, {})
 
@@ -141,12 +141,11 @@ def test_flora_refuses_ranks_the_model_cannot_hold():
 
 def test_flora_on_load_gives_the_module_each_clients_rank_and_scaling(tiny_data):
     # A real peft layer of rank 8 and alpha 16: client 1 of rank 2 runs at scaling 16 / 2 with the rest held at zero.
-    from fedhb.client import ClientModule
+    from fedhb.build import build_module
     from fedhb.config import ModelArgs, OptimArgs
-    from fedhb.models import build_encoder
 
     torch.manual_seed(0)
-    module = ClientModule(build_encoder(ModelArgs(), tiny_data), tiny_data.num_classes, tiny_data.task, OptimArgs())
+    module = build_module(ModelArgs(), tiny_data, OptimArgs(), seed=0)
     initial = module.get_state()
     algo = FLoRA(ranks=[8, 2])
     algo.setup(list(initial), initial, 2)
@@ -154,26 +153,25 @@ def test_flora_on_load_gives_the_module_each_clients_rank_and_scaling(tiny_data)
     state = algo.init_client_state({k: v.clone() for k, v in initial.items()}, 1)
     state.update({k: torch.ones_like(v) for k, v in state.items() if ".lora_" in k})  # e.g. a stale global sync
 
-    module.set_state({k: state[k] for k in initial})
-    algo.on_load(module, state)
+    module.load_state(state, list(initial))
 
     assert layer.scaling["default"] == 8.0
     assert layer.lora_A["default"].weight[:2].eq(1).all() and not layer.lora_A["default"].weight[2:].any()
     assert layer.lora_B["default"].weight[:, :2].eq(1).all() and not layer.lora_B["default"].weight[:, 2:].any()
-    algo.on_load(module, algo.init_client_state({k: v.clone() for k, v in initial.items()}, 0))
+    module.load_state(algo.init_client_state({k: v.clone() for k, v in initial.items()}, 0))
     assert layer.scaling["default"] == 2.0
-    algo.on_load(module, initial)  # the global model: the module's own scaling
+    module.load_state(initial)  # the global model: the module's own scaling
     assert layer.scaling["default"] == 2.0
 
 
 def test_flora_on_load_writes_the_update_into_the_frozen_weights(tiny_data):
     # A real peft layer: W0 + scaling * update must replace the base weight, once per aggregation, idempotently.
-    from fedhb.client import ClientModule
+    from fedhb.build import build_module
     from fedhb.config import ModelArgs, OptimArgs
-    from fedhb.models import build_encoder
+    from fedhb.models.lora import BaseMerge
 
     torch.manual_seed(0)
-    module = ClientModule(build_encoder(ModelArgs(), tiny_data), tiny_data.num_classes, tiny_data.task, OptimArgs())
+    module = build_module(ModelArgs(), tiny_data, OptimArgs(), seed=0)
     initial = module.get_state()
     algo = FLoRA()
     algo.setup(list(initial), initial, 2)
@@ -183,9 +181,9 @@ def test_flora_on_load_writes_the_update_into_the_frozen_weights(tiny_data):
     gen = torch.Generator().manual_seed(1)
     uploads = {c: {k: torch.randn(v.shape, generator=gen) for k, v in initial.items()} for c in (0, 1)}
 
-    algo.aggregate(uploads, {0: 1, 1: 3})
-    algo.on_load(module, {})
-    algo.on_load(module, {})  # already merged: no double counting
+    backbone = BaseMerge(module)  # what the loop does with the aggregate's backbone update
+    backbone.merge(algo.aggregate(uploads, {0: 1, 1: 3}).backbone)
+    backbone.merge(algo.backbone_update())  # merging again: no double counting
 
     b_name = a_name.replace(".lora_A.", ".lora_B.")
     update = sum(w * uploads[c][b_name].double() @ uploads[c][a_name].double() for c, w in ((0, 0.25), (1, 0.75)))
@@ -196,8 +194,7 @@ def test_flora_on_load_writes_the_update_into_the_frozen_weights(tiny_data):
     restored = FLoRA()
     restored.setup(list(initial), initial, 2)
     restored.load_state_dict(algo.state_dict())
-    restored._base = algo._base
-    restored.on_load(module, {})
+    backbone.merge(restored.backbone_update())
     torch.testing.assert_close(layer.base_layer.weight, expected, rtol=0, atol=1e-6)
 
 

@@ -11,6 +11,7 @@ from algo_testkit import t, toy_trainer
 
 from fedhb.algorithms import APFL, APPLE, MOON, Centralized, Ditto, FedALA, FedAvg, FedPer, FedRep
 from fedhb.algorithms._ops import ala_weight_step, model_contrastive_loss
+from fedhb.build import training_splits
 from fedhb.data.partition import ClientSplit
 
 W = "head.1.weight"
@@ -28,7 +29,7 @@ def test_ditto_trains_the_global_copy_and_a_personal_model_pulled_toward_w_t():
     algo = _setup(Ditto(lam=0.5))
     state = algo.init_client_state({W: t(0.0)}, 0)
     state["algo/ditto/v/" + W] = t(4.0)
-    trainer, _ = toy_trainer(algo, {W: [0.0]}, [2.0])
+    trainer, _ = toy_trainer({W: [0.0]}, [2.0])
 
     # Execute
     algo.local_update(trainer, state)
@@ -46,7 +47,7 @@ def test_apfl_step_by_hand():
     algo = _setup(APFL(alpha=0.5, alpha_lr=0.5))
     state = algo.init_client_state({W: t(0.0)}, 0)
     state["algo/apfl/v/" + W] = t(1.0)
-    trainer, _ = toy_trainer(algo, {W: [0.0]}, [2.0])
+    trainer, _ = toy_trainer({W: [0.0]}, [2.0])
 
     # Execute
     algo.local_update(trainer, state)
@@ -65,7 +66,7 @@ def test_apfl_with_alpha_fixed_at_zero_keeps_v_and_evaluates_w():
     algo = _setup(APFL(alpha=0.0, adapt_alpha=False))
     state = algo.init_client_state({W: t(0.0)}, 0)
     state["algo/apfl/v/" + W] = t(5.0)
-    trainer, _ = toy_trainer(algo, {W: [0.0]}, [2.0, 4.0], epochs=2)
+    trainer, _ = toy_trainer({W: [0.0]}, [2.0, 4.0], epochs=2)
 
     algo.local_update(trainer, state)
 
@@ -89,7 +90,7 @@ def test_apple_step_by_hand():
     algo = _setup(APPLE(mu=0.0, dr_lr=0.125), clients=2)
     state = algo.init_client_state({W: t(0.0)}, 0)
     state["algo/apple/core/1/" + W] = t(2.0)
-    trainer, _ = toy_trainer(algo, {W: [0.0]}, [3.0], client=0)
+    trainer, _ = toy_trainer({W: [0.0]}, [3.0], client=0)
 
     # Execute
     algo.local_update(trainer, state)
@@ -107,7 +108,7 @@ def test_apple_proximal_term_pulls_p_toward_uniform_and_fades_by_cosine():
     state = algo.init_client_state({W: t(0.0)}, 0)
     state["algo/apple/p"] = torch.tensor([1.0, 0.0], dtype=torch.float64)
     # Data mean equals the personalized model (0), so only the proximal term moves p.
-    trainer, _ = toy_trainer(algo, {W: [0.0]}, [0.0], rnd=1, rounds=10, client=1)
+    trainer, _ = toy_trainer({W: [0.0]}, [0.0], rnd=1, rounds=10, client=1)
 
     algo.local_update(trainer, state)
 
@@ -148,7 +149,7 @@ def test_fedala_learns_the_weights_then_trains_from_the_mixture():
     # Prepare: received global 2, local 0, W = 1, data mean 1, eta 0.25; the body tensor is not adaptive.
     algo = _setup(FedALA(layers=1, eta=0.25, rand_percent=100, num_pre_loss=2, threshold=0.1), names=(BODY, W))
     state = algo.init_client_state({BODY: t(0.0), W: t(0.0)}, 0)
-    trainer, _ = toy_trainer(algo, {BODY: [5.0], W: [2.0]}, [1.0])
+    trainer, _ = toy_trainer({BODY: [5.0], W: [2.0]}, [1.0])
 
     # Execute
     algo.local_update(trainer, state)
@@ -165,7 +166,7 @@ def test_fedala_learns_the_weights_then_trains_from_the_mixture():
 def test_fedala_skips_adaptive_aggregation_while_local_equals_global():
     algo = _setup(FedALA(layers=1))
     state = algo.init_client_state({W: t(2.0)}, 0)
-    trainer, _ = toy_trainer(algo, {W: [2.0]}, [0.0])
+    trainer, _ = toy_trainer({W: [2.0]}, [0.0])
 
     algo.local_update(trainer, state)
 
@@ -176,7 +177,7 @@ def test_fedala_skips_adaptive_aggregation_while_local_equals_global():
 
 def test_fedala_first_weight_learning_stops_when_the_loss_settles():
     algo = _setup(FedALA(layers=1, eta=0.25, rand_percent=100, num_pre_loss=2, threshold=0.1, max_start_epochs=50))
-    trainer, _ = toy_trainer(algo, {W: [2.0]}, [1.0])
+    trainer, _ = toy_trainer({W: [2.0]}, [1.0])
     glob, local, weights = {W: t(2.0)}, {W: t(0.0)}, {W: t(1.0)}
 
     algo.learn_weights(trainer, glob, local, weights, first=True)
@@ -189,7 +190,7 @@ def test_fedala_first_weight_learning_stops_when_the_loss_settles():
 # -- FedRep and FedPer ----------------------------------------------------------------------------------------------
 def test_fedrep_trains_the_head_then_the_body():
     algo = _setup(FedRep(head_epochs=2), names=(BODY, W))
-    trainer, _ = toy_trainer(algo, {BODY: [0.0], W: [0.0]}, [2.0])
+    trainer, _ = toy_trainer({BODY: [0.0], W: [0.0]}, [2.0])
 
     # Two head-only epochs (0 -> 1 -> 1.5) then one body-only epoch (0 -> 1).
     algo.local_update(trainer, {})
@@ -226,7 +227,7 @@ def test_moon_local_update_adds_the_contrastive_term_and_remembers_the_model():
     algo = _setup(MOON(mu=1.0, temperature=1.0), names=(W,))
     state = algo.init_client_state({W: t(1.0, 0.0)}, 0)
     state["algo/moon/prev/" + W] = t(0.0, 1.0)
-    trainer, _ = toy_trainer(algo, {W: [1.0, 0.0]}, [1.0])
+    trainer, _ = toy_trainer({W: [1.0, 0.0]}, [1.0])
 
     algo.local_update(trainer, state)
 
@@ -241,11 +242,11 @@ def test_centralized_pools_training_data_on_client_zero():
     splits = [ClientSplit(np.array([4, 1]), np.array([7]), np.array([9])),
               ClientSplit(np.array([0, 3]), np.array([8]), np.array([2]))]
 
-    pooled = Centralized().client_splits(splits)
+    pooled = training_splits(Centralized(), splits)
 
     assert pooled[0].train.tolist() == [0, 1, 3, 4] and pooled[1].train.tolist() == []
     assert [s.test.tolist() for s in pooled] == [[9], [2]] and [s.val.tolist() for s in pooled] == [[7], [8]]
-    assert FedAvg().client_splits(splits) is splits
+    assert training_splits(FedAvg(), splits) is splits
 
 
 def test_centralized_hands_client_zeros_model_to_everyone():

@@ -23,8 +23,7 @@ def _setup(algo, x0, clients=4):
 def test_fedprox_local_steps_follow_the_proximal_gradient():
     # Prepare: w starts at 0 (the anchor), data mean 2, mu = 1, lr 0.5, two full-batch steps.
     algo = FedProx(mu=1.0)
-    trainer, module = toy_trainer(algo, {W: [0.0]}, [2.0], epochs=2)
-    algo.on_train_start(module, {W: t(0.0)})
+    trainer, module = toy_trainer({W: [0.0]}, [2.0], epochs=2)
 
     # Execute
     algo.local_update(trainer, {W: t(0.0)})
@@ -36,9 +35,8 @@ def test_fedprox_local_steps_follow_the_proximal_gradient():
 
 def test_fedprox_mu_zero_steps_are_fedavg_steps():
     prox, plain = FedProx(mu=0.0), FedAvg()
-    a, module_a = toy_trainer(prox, {W: [0.5, -1.0]}, [2.0, 1.0, 3.0], epochs=3, batch_size=2)
-    b, _ = toy_trainer(plain, {W: [0.5, -1.0]}, [2.0, 1.0, 3.0], epochs=3, batch_size=2)
-    prox.on_train_start(module_a, {})
+    a, module_a = toy_trainer({W: [0.5, -1.0]}, [2.0, 1.0, 3.0], epochs=3, batch_size=2)
+    b, _ = toy_trainer({W: [0.5, -1.0]}, [2.0, 1.0, 3.0], epochs=3, batch_size=2)
 
     prox.local_update(a, {})
     plain.local_update(b, {})
@@ -64,7 +62,7 @@ def test_scaffold_local_update_corrects_gradients_and_updates_c_i():
     algo = _setup(SCAFFOLD(), t(0.0))
     state = algo.init_client_state({W: t(0.0)}, 0)
     state["algo/scaffold/c/" + W] = t(0.25)
-    trainer, _ = toy_trainer(algo, {W: [0.0]}, [1.0], epochs=2)
+    trainer, _ = toy_trainer({W: [0.0]}, [1.0], epochs=2)
 
     # Execute
     algo.local_update(trainer, state)
@@ -86,7 +84,7 @@ def test_scaffold_corrects_the_true_gradient_under_an_fp16_loss_scale():
     algo = _setup(SCAFFOLD(), t(0.0))
     state = algo.init_client_state({W: t(0.0)}, 0)
     state["algo/scaffold/c/" + W] = t(0.25)
-    trainer, _ = toy_trainer(algo, {W: [0.0]}, [1.0], epochs=2, fabric=fabric)
+    trainer, _ = toy_trainer({W: [0.0]}, [1.0], epochs=2, fabric=fabric)
 
     # Execute
     algo.local_update(trainer, state)
@@ -125,13 +123,15 @@ def test_scaffold_first_round_with_zero_variates_and_server_lr_one_is_uniform_fe
     assert torch.equal(received[0]["algo/scaffold/c/" + W], torch.zeros(2))
 
 
-def test_scaffold_upload_layout_exists_before_any_training():
+def test_scaffold_uploads_the_model_and_the_change_of_its_control_variate():
+    # The loop asks for upload layouts after init_client_state, so there is no bare-state fallback any more.
     algo = _setup(SCAFFOLD(), t(0.0, 0.0))
 
-    bare = algo.upload({W: t(1.0, 2.0)})
     full = algo.upload(algo.init_client_state({W: t(1.0, 2.0)}, 0))
 
-    assert list(bare) == list(full) == [W, "algo/scaffold/dc/" + W]
+    assert list(full) == [W, "algo/scaffold/dc/" + W]
+    with pytest.raises(KeyError):
+        algo.upload({W: t(1.0, 2.0)})
 
 
 def test_scaffold_server_state_round_trips():
@@ -180,7 +180,7 @@ def test_fednova_with_equal_steps_is_fedavg():
 def test_fednova_local_update_reports_its_step_count():
     algo = _setup(FedNova(), t(0.0))
     state = algo.init_client_state({W: t(0.0)}, 0)
-    trainer, _ = toy_trainer(algo, {W: [0.0]}, [1.0, 2.0, 3.0], epochs=2, batch_size=2)
+    trainer, _ = toy_trainer({W: [0.0]}, [1.0, 2.0, 3.0], epochs=2, batch_size=2)
 
     algo.local_update(trainer, state)
 

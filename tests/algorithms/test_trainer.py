@@ -6,14 +6,13 @@ import pytest
 import torch
 from algo_testkit import t, toy_trainer
 
-from fedhb.algorithms import FedAvg
 from fedhb.algorithms.trainer import Diverged
 
 A, HEAD = "enc.q.lora_A.default.weight", "head.1.weight"
 
 
 def test_fit_runs_sgd_over_every_batch_and_reports_the_mean_loss():
-    trainer, _ = toy_trainer(FedAvg(), {HEAD: [0.0]}, [2.0, 2.0, 2.0], batch_size=2, epochs=1)
+    trainer, _ = toy_trainer({HEAD: [0.0]}, [2.0, 2.0, 2.0], batch_size=2, epochs=1)
 
     mean = trainer.fit()
 
@@ -23,7 +22,7 @@ def test_fit_runs_sgd_over_every_batch_and_reports_the_mean_loss():
 
 
 def test_fit_with_trainable_names_moves_only_those_and_restores_the_rest():
-    trainer, module = toy_trainer(FedAvg(), {A: [0.0], HEAD: [0.0]}, [2.0])
+    trainer, module = toy_trainer({A: [0.0], HEAD: [0.0]}, [2.0])
 
     trainer.fit(trainable=[HEAD])
 
@@ -34,7 +33,7 @@ def test_fit_with_trainable_names_moves_only_those_and_restores_the_rest():
 
 
 def test_a_non_finite_loss_raises_and_leaves_every_tensor_trainable_again():
-    trainer, module = toy_trainer(FedAvg(), {A: [0.0], HEAD: [0.0]}, [2.0])
+    trainer, module = toy_trainer({A: [0.0], HEAD: [0.0]}, [2.0])
 
     with pytest.raises(Diverged, match="non-finite loss at step 0"):
         trainer.fit(trainable=[HEAD], loss=lambda batch, out, rows: torch.tensor(float("inf")))
@@ -44,7 +43,7 @@ def test_a_non_finite_loss_raises_and_leaves_every_tensor_trainable_again():
 
 
 def test_gradients_do_not_step_and_can_leave_the_rng_alone():
-    trainer, _ = toy_trainer(FedAvg(), {A: [1.0], HEAD: [3.0]}, [2.0, 4.0])
+    trainer, _ = toy_trainer({A: [1.0], HEAD: [3.0]}, [2.0, 4.0])
     _, batch = next(trainer.batches())
     before = torch.get_rng_state()
 
@@ -56,8 +55,8 @@ def test_gradients_do_not_step_and_can_leave_the_rng_alone():
 
 
 def test_batches_cover_a_fraction_of_each_epoch_in_a_seeded_order():
-    trainer, _ = toy_trainer(FedAvg(), {HEAD: [0.0]}, [float(i) for i in range(10)], batch_size=3)
-    again, _ = toy_trainer(FedAvg(), {HEAD: [0.0]}, [float(i) for i in range(10)], batch_size=3)
+    trainer, _ = toy_trainer({HEAD: [0.0]}, [float(i) for i in range(10)], batch_size=3)
+    again, _ = toy_trainer({HEAD: [0.0]}, [float(i) for i in range(10)], batch_size=3)
 
     rows = [r.tolist() for r, _ in trainer.batches(epochs=2, fraction=0.5)]
     same = [r.tolist() for r, _ in again.batches(epochs=2, fraction=0.5)]
@@ -70,7 +69,7 @@ def test_batches_cover_a_fraction_of_each_epoch_in_a_seeded_order():
 
 
 def test_features_are_in_split_order_without_gradients_under_given_tensors():
-    trainer, module = toy_trainer(FedAvg(), {HEAD: [1.0, 2.0]}, [1.0, 3.0])
+    trainer, module = toy_trainer({HEAD: [1.0, 2.0]}, [1.0, 3.0])
     module.train()
 
     z = trainer.features({HEAD: t(2.0, 0.0)})
@@ -81,7 +80,7 @@ def test_features_are_in_split_order_without_gradients_under_given_tensors():
 
 
 def test_load_refuses_unknown_names_and_an_empty_split_reports_zero_loss():
-    trainer, _ = toy_trainer(FedAvg(), {HEAD: [0.0]}, [])
+    trainer, _ = toy_trainer({HEAD: [0.0]}, [])
 
     with pytest.raises(KeyError, match="tensors the model does not have"):
         trainer.load({"head.2.weight": t(1.0)})

@@ -116,3 +116,39 @@ def test_fixture_is_learnable_by_nearest_template(tmp_path):
     means = np.stack([xtr[ytr == c].mean(0) for c in range(11)])
     pred = ((xte[:, None, :] - means[None]) ** 2).sum(-1).argmin(1)
     assert (pred == yte).mean() > 0.9
+
+
+@pytest.mark.parametrize("size", [28, 64])
+def test_the_missing_file_hint_writes_the_file_that_is_missing(tmp_path, size):
+    """The error's fixture command, run as printed, writes the file of that size, so the rerun reads it."""
+    import re
+    import shlex
+
+    from fedhb.data import fixtures
+
+    dataset = MedMNIST(flag="organcmnist", root=str(tmp_path), size=size)
+    with pytest.raises(FileNotFoundError) as err:
+        dataset.load()
+    command = shlex.split(re.search(r"`(python -m fedhb\.data\.fixtures [^`]+)`", str(err.value)).group(1))
+
+    fixtures.main(command[3:] + ["--samples", "6", "3", "3"])  # smaller than the default, same file
+
+    assert dataset.load().inputs.shape == (12, size, size)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupted"])
+def test_a_damaged_file_names_the_file_and_the_problem(tmp_path, damage):
+    path = write_medmnist_fixture(tmp_path, "organamnist", 28, (40, 10, 10))
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]  # an interrupted download
+    else:
+        data[len(data) // 3: len(data) // 3 + 64] = b"x" * 64  # a bad copy: the archive opens, a member does not
+    path.write_bytes(bytes(data))
+
+    with pytest.raises(ValueError) as err:
+        MedMNIST(root=str(tmp_path)).load()
+
+    message = str(err.value)
+    assert message.startswith(f"{path}: the file is truncated or damaged (BadZipFile: ")
+    assert "Delete it, then download" in message and medmnist_info("organamnist")["MD5"] in message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -107,3 +108,68 @@ def test_subsample_is_stratified_and_seeded():
     assert np.array_equal(np.bincount(labels[keep]), [20, 40, 60, 10, 1])
     assert np.array_equal(keep, subsample(labels, 0.2, seed=0))
     assert not np.array_equal(keep, subsample(labels, 0.2, seed=1))
+
+
+def _small(labels, names=()):
+    from fedhb.data.base import Samples
+
+    return Samples(inputs=np.zeros((len(labels), 1)), labels=np.asarray(labels), num_classes=int(max(labels)) + 1,
+                   task="multi-class", modality="image", label_names=list(names))
+
+
+# Labels and partitions computed before the warning existed: the warning must not move a single sample.
+_LABELS = [2, 3, 0, 3, 1, 2, 2, 1, 3, 0, 1, 1, 2, 1, 0, 0, 0, 0, 0, 3, 0, 2, 3, 0, 1, 1, 1, 3, 0, 3, 3, 3, 0, 1, 2,
+           1, 2, 2, 2, 0]
+_DIRICHLET = [[[13, 24, 25], [7, 26], [10, 35, 37]], [[2, 27, 39], [14, 16], [11, 17]],
+              [[3, 6, 9, 18, 19, 21, 30, 32, 33, 38], [1, 4, 5, 15, 28, 29, 34], [0, 8, 12, 20, 22, 23, 31, 36]]]
+_NATURAL = [[[6, 7, 12, 13, 30, 31], [0, 1, 24, 25], [18, 19, 36, 37]],
+            [[2, 3, 26, 27, 32, 33], [14, 15, 38, 39], [8, 9, 20, 21]],
+            [[28, 29, 34, 35], [4, 5, 22, 23], [10, 11, 16, 17]]]
+
+
+@pytest.mark.parametrize(("scheme", "groups", "expected"), [("dirichlet", None, _DIRICHLET),
+                                                             ("natural", np.repeat(np.arange(20), 2), _NATURAL)])
+def test_the_partition_is_the_same_as_before_the_warning(scheme, groups, expected):
+    from fedhb.data.partition import partition_samples
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        splits = partition_samples(_small(_LABELS), scheme, 3, 0.5, 2, (0.4, 0.3, 0.3), 7, groups)
+
+    assert [[s.train.tolist(), s.val.tolist(), s.test.tolist()] for s in splits] == expected
+
+
+def test_clients_tested_on_classes_they_never_train_on_are_named_in_one_warning():
+    from fedhb.data.partition import PartitionWarning, partition_samples
+
+    with pytest.warns(PartitionWarning) as record:
+        partition_samples(_small(_LABELS, ["NORM", "MI", "STTC", "CD"]), "dirichlet", 3, 0.5, 2, (0.4, 0.3, 0.3), 7)
+
+    assert len(record) == 1  # once, for all clients
+    message = str(record[0].message)
+    # _DIRICHLET: client 0 trains on MI only and is tested on STTC; client 1 trains on NORM and CD, tested on MI.
+    assert message.startswith("partition: clients 0, 1 of 3 are tested on classes absent from the training split "
+                              "(client 0: STTC; client 1: MI)")
+    assert "client 2" not in message and "--partition.alpha" in message
+
+
+def test_an_empty_validation_split_is_named_unless_it_was_asked_for():
+    from fedhb.data.partition import PartitionWarning, partition_samples
+
+    labels = [0, 1, 2] * 2  # two clients of three samples, one per class: nothing left for validation
+    with pytest.warns(PartitionWarning, match=r"; the val split of clients 0, 1 of 2 is empty\."):
+        partition_samples(_small(labels), "iid", 2, 1.0, 1, (0.4, 0.3, 0.3), 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartitionWarning)
+        splits = partition_samples(_small([0, 1] * 4), "iid", 2, 1.0, 1, (0.5, 0.0, 0.5), 0)  # val 0: none asked for
+    assert [len(s.val) for s in splits] == [0, 0]
+
+
+def test_a_learnable_partition_does_not_warn():
+    from fedhb.data.partition import PartitionWarning, partition_samples
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartitionWarning)
+        splits = partition_samples(_small(_labels(600, 3)), "iid", 3, 1.0, 10, (0.4, 0.3, 0.3), 0)
+
+    assert all(len(s.val) for s in splits)

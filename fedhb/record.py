@@ -1,0 +1,115 @@
+"""One definition of what a round records: the ``metrics.jsonl`` keys, the TensorBoard tags and the report's columns.
+
+A round's record is the task's metrics (:attr:`fedhb.tasks.base.Task.fields`) followed by the loop's own
+(:data:`LOOP_FIELDS`); :func:`round_record` builds it, :func:`tensorboard_scalars` turns it into tags, and
+``fedhb report`` takes its columns from the fields with a ``title``. Nothing else spells these names.
+
+This module imports nothing heavy, so the report and the CLI can read it without torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Field:
+    """One recorded value.
+
+    Attributes:
+        key: Its key in ``metrics.jsonl`` (and in ``summary.json``'s ``final`` record).
+        tag: Its TensorBoard scalar tag, or ``None`` when it is not a scalar (lists, per-client dicts).
+        title: Its column title in ``fedhb report``, or ``None`` when it is not a column.
+        kind: ``fraction`` (shown in %), ``bytes``, ``seconds``, ``count``, ``loss`` or ``other``.
+        higher_is_better: Which way is better (for the report's ranking).
+        final: Whether TensorBoard's HParams tab shows its final value (``final/<key>``).
+        summary: Whether it is a whole-run value read from ``summary.json`` (not a round's).
+    """
+
+    key: str
+    tag: str | None = None
+    title: str | None = None
+    kind: str = "other"
+    higher_is_better: bool = True
+    final: bool = False
+    summary: bool = False
+
+
+#: What the loop records every evaluated round, after the task's metrics.
+LOOP_FIELDS = (
+    Field("train_loss", "train/loss", kind="loss", higher_is_better=False),
+    Field("bytes_up", "comm/bytes_up", kind="bytes", higher_is_better=False),
+    Field("bytes_down", "comm/bytes_down", kind="bytes", higher_is_better=False),
+    Field("bytes_total", "comm/bytes_total", "communicated", "bytes", False, final=True, summary=True),
+    Field("round_time_s", "time/round_s", kind="seconds", higher_is_better=False),
+    Field("clients_trained", "clients/trained", kind="count"),
+    Field("failures"),  # [{round, client, reason}] since the last evaluated round
+)
+#: Whole-run values of ``summary.json`` that the report and the HParams tab show.
+SUMMARY_FIELDS = (Field("wall_time_s", None, "wall time", "seconds", False, final=True, summary=True),)
+#: Per-client values, last in a record (``{client id: value}``).
+PER_CLIENT = "client_acc"
+
+
+def classification_fields() -> tuple[Field, ...]:
+    """The classification task's metrics (:class:`fedhb.tasks.classification.Classification`)."""
+    return (
+        Field("personalized_acc", "personalized/acc", "personalized acc (%)", "fraction", final=True),
+        Field("worst_client_acc", "personalized/worst_client_acc", "worst-client acc (%)", "fraction", final=True),
+        Field("personalized_f1", "personalized/f1", "macro F1 (%)", "fraction", final=True),
+        Field("personalized_auroc", "personalized/auroc", kind="fraction", final=True),
+        Field("global_acc", "global/acc", "global acc (%)", "fraction", final=True),
+        Field("global_f1", "global/f1", kind="fraction", final=True),
+    )
+
+
+#: The report's column order (the first is its default metric).
+REPORT_ORDER = ("personalized_acc", "worst_client_acc", "global_acc", "personalized_f1", "bytes_total", "wall_time_s")
+
+
+def all_fields(task_fields: Iterable[Field] | None = None) -> tuple[Field, ...]:
+    """Every field of a run: the task's (classification by default), the loop's, the summary's."""
+    task = tuple(classification_fields() if task_fields is None else task_fields)
+    return task + LOOP_FIELDS + SUMMARY_FIELDS
+
+
+def report_columns(task_fields: Iterable[Field] | None = None) -> tuple[Field, ...]:
+    """The report's columns, in :data:`REPORT_ORDER`."""
+    by_key = {f.key: f for f in all_fields(task_fields) if f.title is not None}
+    return tuple(by_key[k] for k in REPORT_ORDER if k in by_key)
+
+
+def final_keys(task_fields: Iterable[Field] | None = None) -> tuple[Field, ...]:
+    """The fields whose final value TensorBoard's HParams tab shows."""
+    return tuple(f for f in all_fields(task_fields) if f.final)
+
+
+def round_record(rnd: int, metrics: Mapping[str, Any], loop_values: Mapping[str, Any],
+                 task_fields: Iterable[Field]) -> dict[str, Any]:
+    """A round's ``metrics.jsonl`` record: ``round``, the task's metrics, the loop's values, the per-client scores.
+
+    Raises:
+        KeyError: when a value a field names is missing (the record would silently lose a column).
+    """
+    record: dict[str, Any] = {"round": rnd}
+    for f in task_fields:
+        record[f.key] = metrics[f.key]
+    for f in LOOP_FIELDS:
+        record[f.key] = loop_values[f.key]
+    record[PER_CLIENT] = metrics[PER_CLIENT]
+    return record
+
+
+def tensorboard_scalars(record: Mapping[str, Any], task_fields: Iterable[Field]) -> dict[str, float]:
+    """``{tag: value}`` of a round's record, leaving out values that are not defined (``None``, NaN)."""
+    out = {}
+    for f in (*task_fields, *LOOP_FIELDS):
+        value = record.get(f.key)
+        if f.tag is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if not math.isnan(value):
+            out[f.tag] = value
+    return out

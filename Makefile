@@ -1,9 +1,10 @@
-# fedhb: `make quickstart` runs the quickstart federation, `make test` runs the tests. Both set up .venv first.
+# fedhb: `make quickstart` runs the quickstart federation (`make quickstart-padchest` the multimodal one), `make test`
+# runs the tests. Both set up .venv first.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install quickstart test test-fast lint clean
+.PHONY: install quickstart quickstart-padchest test test-fast lint clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +21,9 @@ $(VENV)/.installed: pyproject.toml
 
 quickstart: install
 	$(BIN)/python -m fedhb.quickstart
+
+quickstart-padchest: install
+	$(BIN)/python -m fedhb.quickstart_padchest
 
 test: install
 	$(BIN)/python -m pytest -q

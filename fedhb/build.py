@@ -37,12 +37,13 @@ def training_splits(algorithm: Algorithm, splits: list[ClientSplit]) -> list[Cli
 def build_module(model: ModelArgs, samples: Samples, optim: OptimArgs, seed: int) -> ClientModule:
     """The client model, initialised from ``seed`` (the same backbone, LoRA and head on every rank)."""
     from fedhb.client import ClientModule
-    from fedhb.models import build_encoders
+    from fedhb.models import build_encoders, build_fusion
     from fedhb.tasks import build_task
 
     torch.manual_seed(seed)
     encoders = build_encoders(model, samples)
-    return ClientModule(encoders, build_task(samples.task, samples.num_classes), optim, model.head_dropout)
+    fusion = build_fusion(model, encoders, multimodal=samples.modality == "multimodal")
+    return ClientModule(encoders, build_task(samples.task, samples.num_classes), optim, model.head_dropout, fusion)
 
 
 def build_loop(fabric: Fabric, samples: Samples, splits: list[ClientSplit], algorithm: Algorithm, *,

@@ -59,17 +59,43 @@ class ClientModule(L.LightningModule):
         """Width of the fused features (the head's input)."""
         return self.fusion.out_features
 
+    @property
+    def multimodal(self) -> bool:
+        """Whether batches are keyed by modality (``<modality>/<name>``) with a presence mask per modality."""
+        return bool(self.fusion.masked)
+
     def prepare(self, samples: Samples) -> dict[str, Tensor]:
-        """Every sample's inputs as tensors (each encoder's, once per run) and its ``labels``."""
+        """Every sample's inputs as tensors (each encoder's, once per run) and its ``labels``.
+
+        Multimodal: each encoder prepares its modality's view of the samples, its tensors named
+        ``<modality>/<name>``, and ``<modality>/present`` holds which samples have it.
+        """
         tensors: dict[str, Tensor] = {}
-        for encoder in self.encoders.values():
-            tensors.update(cast(Encoder, encoder).prepare(samples))
+        if not self.multimodal:
+            for encoder in self.encoders.values():
+                tensors.update(cast(Encoder, encoder).prepare(samples))
+        else:
+            missing = [m for m in self.encoders if m not in samples.modalities]
+            if missing:
+                raise ValueError(f"the model has encoders for {missing}, which the samples do not carry")
+            for m, encoder in self.encoders.items():
+                own = cast(Encoder, encoder).prepare(samples.view(m))
+                tensors.update({f"{m}/{k}": v for k, v in own.items()})
+                tensors[f"{m}/{PRESENT}"] = torch.from_numpy(samples.presence(m).copy())
         tensors["labels"] = torch.from_numpy(samples.labels)
         return tensors
 
     # -- model ---------------------------------------------------------------------------------------------------
     def features(self, batch: dict[str, Tensor]) -> Tensor:
-        return self.fusion({m: encoder(batch) for m, encoder in self.encoders.items()})
+        if not self.multimodal:
+            return self.fusion({m: encoder(batch) for m, encoder in self.encoders.items()})
+        features, present = {}, {}
+        for m, encoder in self.encoders.items():
+            mask = batch[f"{m}/{PRESENT}"].bool()
+            own = {k[len(m) + 1:]: v for k, v in batch.items() if k.startswith(m + "/") and k != f"{m}/{PRESENT}"}
+            features[m] = _encode_present(cast(Encoder, encoder), own, mask)
+            present[m] = mask
+        return self.fusion(features, present)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         return self.head(self.features(batch))
@@ -126,6 +152,27 @@ class ClientModule(L.LightningModule):
         keys = names if names is not None else [k for k in state if k in params]
         self.set_state({k: state[k] for k in keys}, params)
         self.adapters.load(state, params)
+
+
+#: The name of a modality's presence mask among a multimodal batch's tensors (``text/present``).
+PRESENT = "present"
+
+
+def _encode_present(encoder: Encoder, batch: dict[str, Tensor], present: Tensor) -> Tensor:
+    """``encoder``'s features of the rows of ``batch`` that hold its modality, zeros elsewhere (the fusion step
+    replaces those): the encoder never runs on an absent sample's placeholder input."""
+    if bool(present.all()):
+        return encoder(batch)
+    rows = present.nonzero().squeeze(1)
+    size = (len(present), int(encoder.hidden_size))
+    if len(rows) == 0:
+        zeros = torch.zeros(size, device=present.device)
+        trained = [p for p in encoder.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
+        # A batch without the modality still hands back a loss with a path to the encoder's trained tensors (zero
+        # gradients), so that an algorithm training only them (FedDPA's personal LoRA) can backpropagate it.
+        return zeros + 0.0 * sum(p.sum() for p in trained) if trained else zeros
+    out = encoder({k: v[rows] for k, v in batch.items()})
+    return torch.zeros(size, dtype=out.dtype, device=out.device).index_copy(0, rows, out)
 
 
 def lr_at(optim: OptimArgs, rnd: int, rounds: int) -> float:

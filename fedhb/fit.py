@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import yaml
 
-from fedhb.algorithms import Algorithm, FedAvg
+from fedhb.algorithms.base import Algorithm
 from fedhb.checkpoint import (
     checkpoint_dir,
     config_differences,
@@ -26,20 +25,29 @@ from fedhb.checkpoint import (
     save_checkpoint,
 )
 from fedhb.config import (
+    AuditArgs,
     CheckpointArgs,
     FabricArgs,
     FederationArgs,
     ModelArgs,
     OptimArgs,
     PartitionArgs,
+    PrivacyArgs,
+    SecureAggregationArgs,
 )
 from fedhb.data.base import FederatedDataset, Samples
-from fedhb.data.partition import ClientSplit, class_counts, partition_samples, subsample
+from fedhb.data.partition import (
+    ClientSplit,
+    class_counts,
+    client_modalities,
+    drop_modality,
+    partition_samples,
+    subsample,
+)
 from fedhb.io import append_jsonl, json_line, write_atomic, write_json
 from fedhb.paths import check_out_dir
 from fedhb.record import tensorboard_scalars
 from fedhb.signals import Interrupted, StopRequest
-from fedhb.strategy import make_fabric
 
 
 def plugin_config(obj: Any) -> dict[str, Any]:
@@ -79,21 +87,38 @@ def group_key(samples: Samples, dataset: FederatedDataset,
     return key, samples.groups[key]
 
 
-def prepare_partition(dataset: FederatedDataset, partition: PartitionArgs, seed: int
+def prepare_partition(dataset: FederatedDataset, partition: PartitionArgs, seed: int, min_keep: int = 0
                       ) -> tuple[Samples, list[ClientSplit], str | None]:
-    """Load, subsample (``--data.fraction``) and partition the data: identical on every rank."""
+    """Load, subsample (``--data.fraction``, but at least ``min_keep`` samples when there are) and partition the
+    data: identical on every rank."""
     samples = dataset.load()
-    keep = subsample(samples.stratify_labels, getattr(dataset, "fraction", 1.0), seed)
+    fraction = max(getattr(dataset, "fraction", 1.0), min(1.0, min_keep / max(1, len(samples))))
+    keep = subsample(samples.stratify_labels, fraction, seed)
     if len(keep) < len(samples):
         samples = samples.subset(keep)
     scheme = partition.scheme
     key, groups = group_key(samples, dataset, partition.group_by)
-    if scheme == "natural" and groups is None:
+    natural = natural_key(samples, dataset, partition) if scheme == "natural" else None
+    if scheme == "natural" and groups is None and natural is None:
         raise ValueError("--partition.scheme natural needs a group key; set --partition.group_by to one of "
                          f"{sorted(samples.groups) or '(none: this dataset has no natural groups)'}")
     splits = partition_samples(samples, scheme, partition.num_clients, partition.alpha, partition.min_samples,
-                               partition.split, seed, groups)
+                               partition.split, seed, groups, natural)
+    if partition.missing_modality is not None:
+        samples, _ = drop_modality(samples, splits, partition.missing_modality, partition.missing_fraction,
+                                   partition.missing_level, seed)
     return samples, splits, key
+
+
+def natural_key(samples: Samples, dataset: FederatedDataset, partition: PartitionArgs) -> np.ndarray | None:
+    """The key whose values are the clients of a natural partition, when it is not the group key."""
+    name = partition.natural_by if partition.natural_by is not None else dataset.default_natural_by
+    if name in (None, "none"):
+        return None
+    if name not in samples.groups:
+        raise ValueError(f"--partition.natural_by {name!r}: this dataset has the keys "
+                         f"{sorted(samples.groups) or 'none'}")
+    return samples.groups[name]
 
 
 def partition_report(samples: Samples, splits: list[ClientSplit], key: str | None) -> dict[str, Any]:
@@ -104,6 +129,10 @@ def partition_report(samples: Samples, splits: list[ClientSplit], key: str | Non
             "class_counts": {name: class_counts(samples.labels, getattr(s, name), samples.num_classes)
                              for name in ("train", "val", "test")},
         }
+        if samples.modality == "multimodal":  # samples holding each modality, per split
+            clients[str(c)]["modality_counts"] = {
+                name: {m: int(samples.presence(m)[getattr(s, name)].sum()) for m in samples.modalities}
+                for name in ("train", "val", "test")}
     return {"num_samples": len(samples), "group_by": key, "label_names": samples.label_names, "clients": clients}
 
 
@@ -118,8 +147,12 @@ def fit(
     optim: OptimArgs = OptimArgs(),
     fabric: FabricArgs = FabricArgs(),
     checkpoint: CheckpointArgs = CheckpointArgs(),
+    privacy: PrivacyArgs = PrivacyArgs(),
+    secure_aggregation: SecureAggregationArgs = SecureAggregationArgs(),
+    audit: AuditArgs = AuditArgs(),
     resume: str | None = None,
     overwrite: bool = False,
+    fast_dev_run: bool = False,
 ) -> dict[str, Any] | None:
     """Run one federation and write its outputs to ``out_dir``.
 
@@ -134,10 +167,16 @@ def fit(
         optim: Local optimizer and learning-rate schedule.
         fabric: Devices, processes, precision.
         checkpoint: Checkpoint frequency and retention.
+        privacy: Differential privacy (client-level DP-FedAvg or sample-level DP-SGD) and its accounting.
+        secure_aggregation: Masked uploads that the server can only sum (SecAgg+).
+        audit: A membership-inference audit of every client's final model after the run.
         resume: ``auto`` continues from the newest complete checkpoint in ``out_dir`` (or starts afresh when there is
             none); a path continues from that checkpoint. The config must match the checkpoint's, except for
             ``out_dir``, ``fabric``, ``checkpoint`` and ``federation.eval_batch_size``.
         overwrite: Replace the outputs of an earlier run in ``out_dir``.
+        fast_dev_run: Run end to end in seconds to find mistakes: the data read and partitioned with the configured
+            scheme over at most 3 clients, every backbone replaced by the tiny random-init preset of its family, 2
+            rounds, at most 2 batches per client per epoch (see :mod:`fedhb.fast_dev_run`); outputs written as usual.
 
     Returns:
         The summary (also written to ``summary.json``) on rank 0 of a ``ddp`` run or a single process; ``None`` on
@@ -145,7 +184,10 @@ def fit(
     """
     if data is None:
         raise ValueError("--data is required: e.g. --data MedMNIST --data.root DIR, or a config with a data: block")
-    algorithm = algorithm if algorithm is not None else FedAvg()
+    if algorithm is None:
+        from fedhb.algorithms import FedAvg
+
+        algorithm = FedAvg()
     out = Path(out_dir)
     check_out_dir(out)
     if federation.min_clients > partition.num_clients:
@@ -161,11 +203,33 @@ def fit(
                               f"--out_dir, or pass --overwrite true to replace it")
     config = resolved_config(data=data, algorithm=algorithm, out_dir=out_dir, seed=seed, partition=partition,
                              model=model, federation=federation, optim=optim, fabric=fabric, checkpoint=checkpoint)
+    if fast_dev_run:  # in config.yaml only when set, so earlier runs' checkpoints still match their config
+        from fedhb.fast_dev_run import dev_federation, dev_partition
+
+        config["fast_dev_run"] = True
+        federation, partition = dev_federation(federation), dev_partition(partition)
+    # The privacy groups are in config.yaml only when used, so that earlier runs' checkpoints still match theirs.
+    for name, group, default in (("privacy", privacy, PrivacyArgs()), ("secure_aggregation", secure_aggregation,
+                                                                         SecureAggregationArgs()),
+                                 ("audit", audit, AuditArgs())):
+        if group != default:
+            config[name] = resolved_config(group=group)["group"]
+    from fedhb.privacy import wrap_privacy
+
+    if privacy.mode == "sample" and str(fabric.precision) == "16-mixed":
+        # DP-SGD clips per-sample gradients, which under fp16's loss scale would be clipped at the scaled norm.
+        raise ValueError("--privacy.mode sample cannot run with --fabric.precision 16-mixed (per-sample gradients are "
+                         "clipped before the loss scale is divided out); use bf16-mixed or 32-true")
+    # Built once here so that an algorithm or option the privacy modes refuse stops the run before any work.
+    wrap_privacy(algorithm, privacy, secure_aggregation, seed=seed, federation=federation,
+                 num_clients=partition.num_clients)
     run = _Run(config, data, algorithm, out, seed, partition, model, federation, optim, fabric, checkpoint, resume,
-               overwrite)
+               overwrite, fast_dev_run, privacy, secure_aggregation, audit)
     from lightning.fabric.loggers import TensorBoardLogger
 
     loggers = [TensorBoardLogger(root_dir=str(out), name="logs", version="")]
+    from fedhb.strategy import make_fabric  # imports lightning: only once the config is known to be valid
+
     fab = make_fabric(fabric, loggers)
     if fabric.strategy == "ddp_spawn":
         results = fab.launch(run)
@@ -191,6 +255,10 @@ class _Run:
     checkpoint: CheckpointArgs
     resume: str | None = None
     overwrite: bool = False
+    fast_dev_run: bool = False
+    privacy: PrivacyArgs = dataclasses.field(default_factory=PrivacyArgs)
+    secure_aggregation: SecureAggregationArgs = dataclasses.field(default_factory=SecureAggregationArgs)
+    audit: AuditArgs = dataclasses.field(default_factory=AuditArgs)
 
     def restore(self, fabric: Any, loop: Any, splits: list[ClientSplit]) -> dict[str, Any] | None:
         """Load the checkpoint named by ``--resume`` into ``loop``; ``None`` when there is nothing to resume."""
@@ -206,6 +274,8 @@ class _Run:
             raise ValueError(f"--resume {path}: the checkpoint was made with another config:\n  " + "\n  ".join(diffs)
                              + "\nResume with the checkpoint's config (" + str(self.out / "config.yaml") + ") or "
                              "start a new run in another --out_dir.")
+        import torch
+
         saved = state.get("partition", {})
         if any(not torch.equal(saved[str(c)][k], torch.from_numpy(getattr(s, k))) for c, s in enumerate(splits)
                for k in ("train", "val", "test")):
@@ -223,11 +293,14 @@ class _Run:
         return self._elapsed + time.perf_counter() - self._start
 
     def save(self, fabric: Any, loop: Any, splits: list[ClientSplit]) -> None:
+        import torch
+
         state = loop.state_dict()
         state["config"] = config_text(self.config)
         state["wall_time_s"] = self.wall_time()
         state["partition"] = {str(c): {k: torch.from_numpy(getattr(s, k).copy()) for k in ("train", "val", "test")}
                               for c, s in enumerate(splits)}
+        state["bytes_up_by_modality"] = dict(self._bytes_up)
         save_checkpoint(fabric, self.out, loop.round, state, self.checkpoint.keep)
 
     def __call__(self, fabric: Any) -> dict[str, Any] | None:
@@ -239,9 +312,19 @@ class _Run:
         with warnings.catch_warnings():
             if not rank0:  # the partition's warnings once, not once per process
                 warnings.simplefilter("ignore")
-            samples, splits, key = prepare_partition(self.data, self.partition, self.seed)
-        loop = build_loop(fabric, samples, splits, self.algorithm, model=self.model, federation=self.federation,
+            samples, splits, key = prepare_partition(self.data, self.partition, self.seed,
+                                                     DEV_SAMPLES if self.fast_dev_run else 0)
+        if self.fast_dev_run:
+            from fedhb.fast_dev_run import dev_model, dev_splits
+
+            self.model, splits = dev_model(self.model, samples), dev_splits(splits, self.federation)
+        from fedhb.privacy import wrap_privacy
+
+        trained = wrap_privacy(self.algorithm, self.privacy, self.secure_aggregation, seed=self.seed,
+                               federation=self.federation, num_clients=len(splits))
+        loop = build_loop(fabric, samples, splits, trained, model=self.model, federation=self.federation,
                           optim=self.optim, seed=self.seed)
+        initial = {k: v.detach().cpu().clone() for k, v in loop.client_module.get_state().items()}
         trainable = sum(v.numel() for v in loop.client_module.trainable().values())
         resumed = self.restore(fabric, loop, splits)
         if resumed is not None and loop.round >= self.federation.rounds and (self.out / "summary.json").is_file():
@@ -266,9 +349,15 @@ class _Run:
         fabric.barrier()
 
         last_save = time.perf_counter()
+        self._bytes_up = dict(resumed.get("bytes_up_by_modality", {})) if resumed is not None else {}
+        upload_parts = {c: upload_by_modality(layout) for c, layout in loop.upload_layouts.items()}
 
         def on_round(result: Any) -> None:
             nonlocal last_save
+            for c in result.selected:  # what the loop counts in bytes_up: every usable upload
+                if c not in result.dropped and c not in result.failed:
+                    for part, size in upload_parts[c].items():
+                        self._bytes_up[part] = self._bytes_up.get(part, 0) + size
             if rank0 and result.metrics is not None:
                 log(result)
             every, minutes = self.checkpoint.every, self.checkpoint.minutes
@@ -307,7 +396,20 @@ class _Run:
             "world_size": fabric.world_size,
             "seed": self.seed,
             "final": history[-1] if history else None,
+            "bytes_up_by_modality": dict(self._bytes_up),
+            "state_bytes_by_modality": upload_by_modality([(k, v.shape, v.dtype) for k, v in
+                                                           loop.client_module.trainable().items()]),
         }
+        if samples.modality == "multimodal":
+            summary.update(modality_summary(samples, splits, self.model, summary["final"]))
+        if trained is not self.algorithm:
+            from fedhb.privacy.stack import privacy_summary
+
+            summary["privacy"] = privacy_summary(trained, loop.server_metrics)
+        if self.audit.enabled:  # every rank audits its own clients
+            from fedhb.privacy.audit import audit_federation
+
+            summary["audit"] = audit_federation(loop, initial, self.audit, self.seed)
         if rank0:
             from lightning.fabric.loggers import TensorBoardLogger
 
@@ -326,6 +428,47 @@ class _Run:
                          f"or `fedhb report {self.out.parent}`")
         fabric.barrier()
         return summary if rank0 else None
+
+
+#: ``--fast_dev_run`` keeps at least this many samples whatever ``--data.fraction`` says (a fixture at a real run's
+#: fraction may hold too few to partition).
+DEV_SAMPLES = 200
+
+
+def upload_by_modality(layout: list[tuple[str, Any, Any]]) -> dict[str, int]:
+    """Bytes of one upload (its ``(name, shape, dtype)`` layout) by modality, fusion and head."""
+    from math import prod
+
+    from fedhb.models import bytes_by_modality
+
+    return bytes_by_modality({k: (prod(shape), dtype.itemsize) for k, shape, dtype in layout})
+
+
+def modality_summary(samples: Samples, splits: list[ClientSplit], model: ModelArgs,
+                     final: dict[str, Any] | None) -> dict[str, Any]:
+    """``summary.json``'s multimodal part: the backbones, the modalities each client holds, and the final per-client
+    scores averaged over the clients that hold the same modalities."""
+    from fedhb.record import PER_CLIENT
+
+    held = {str(c): client_modalities(samples, s) for c, s in enumerate(splits)}
+    per_client = (final or {}).get(PER_CLIENT) or {}
+    by_set: dict[str, dict[str, Any]] = {}
+    for c, modalities in held.items():
+        entry = by_set.setdefault("+".join(modalities), {"clients": [], PER_CLIENT: []})
+        entry["clients"].append(int(c))
+        value = per_client.get(c)
+        if isinstance(value, (int, float)) and not np.isnan(value):
+            entry[PER_CLIENT].append(float(value))
+    groups = {}
+    for name, entry in by_set.items():
+        values = entry.pop(PER_CLIENT)
+        groups[name] = {**entry, f"mean_{PER_CLIENT}": float(np.mean(values)) if values else None,
+                        f"worst_{PER_CLIENT}": float(np.min(values)) if values else None}
+    from fedhb.models import backbone_for
+
+    backbones = {m: backbone_for(model, m, samples.modalities) for m in samples.modalities}
+    return {"backbone": "+".join(backbones.values()), "backbones": backbones, "client_modalities": held,
+            "by_modalities": groups}
 
 
 def _purge_tensorboard_after(fabric: Any, rnd: int) -> None:

@@ -45,7 +45,18 @@ from fedhb.seeds import client_seed
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
 
-__all__ = ["ClientStatus", "FederatedLoop", "RoundResult", "assign_clients", "client_seed", "host_copy", "store"]
+__all__ = ["ClientStatus", "FederatedLoop", "RoundResult", "assign_clients", "client_seed", "host_copy",
+           "select_clients", "store"]
+
+
+def select_clients(seed: int, rnd: int, num_clients: int, fraction: float) -> list[int]:
+    """The clients that train in round ``rnd`` (``--federation.fraction`` of them), sorted; a function of the run
+    seed and the round only, so every rank, and a client-side protocol such as secure aggregation, agrees on it."""
+    if fraction >= 1:
+        return list(range(num_clients))
+    k = max(1, int(round(fraction * num_clients)))
+    rng = seeds.rng(seed, rnd, seeds.Stream.SELECTION)
+    return sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
 
 
 def assign_clients(sizes: list[int], world_size: int) -> list[int]:
@@ -191,6 +202,7 @@ class FederatedLoop:
         self.last_aggregation = 0
         self.catch_up_bytes: int | None = None  # what the last aggregation said a catch-up download costs
         self.backbone_update: dict[str, Tensor] = {}  # merged into the frozen backbone (FLoRA)
+        self.server_metrics: dict[str, float] = {}  # what the last server step measured (Aggregate.metrics)
         self.round = 0
         self.history: list[dict[str, Any]] = []
         self.best_val: dict[int, tuple[float, Tensor]] = {}  # FHBench protocol: best validation score and test row
@@ -210,11 +222,7 @@ class FederatedLoop:
     # -- 1. select ------------------------------------------------------------------------------------------------
     def selected(self, rnd: int) -> list[int]:
         """The clients that train in round ``rnd``, sorted; the same on every rank."""
-        if self.args.fraction >= 1:
-            return list(range(self.num_clients))
-        k = max(1, int(round(self.args.fraction * self.num_clients)))
-        rng = seeds.rng(self.seed, rnd, seeds.Stream.SELECTION)
-        return sorted(int(c) for c in rng.choice(self.num_clients, size=k, replace=False))
+        return select_clients(self.seed, rnd, self.num_clients, self.args.fraction)
 
     def dropped(self, rnd: int, attempt: int, selected: list[int]) -> set[int]:
         """Clients that fail to report (``--federation.dropout``); a function of (seed, round, attempt) only."""
@@ -340,6 +348,8 @@ class FederatedLoop:
         self.last_aggregation = rnd
         if result.catch_up_bytes is not None:
             self.catch_up_bytes = result.catch_up_bytes
+        if result.metrics:
+            self.server_metrics = {k: float(v) for k, v in result.metrics.items()}
         return result
 
     # -- 5. apply -------------------------------------------------------------------------------------------------
@@ -462,7 +472,7 @@ class FederatedLoop:
             "round_time_s": round(result.time_s, 4),
             "clients_trained": len(result.selected) - len(result.failed) - len(result.dropped),
             "failures": self.pending_failures,
-        }, self.task.fields)
+        }, self.task.fields, self.server_metrics)
         self.history.append(record)
         self.pending_failures = []
         return record
@@ -502,6 +512,7 @@ class FederatedLoop:
                 "history": self.history,
                 "pending_failures": self.pending_failures,
                 "best_val": {str(c): row for c, row in best_all.items() if not math.isnan(float(row[0]))},
+                "server_metrics": self.server_metrics,
             },
             "rng": {"torch": torch.get_rng_state()},
         }
@@ -532,6 +543,7 @@ class FederatedLoop:
         self.bytes_total = int(loop["bytes_total"])
         self.history = list(loop["history"])
         self.pending_failures = list(loop["pending_failures"])
+        self.server_metrics = dict(loop.get("server_metrics", {}))
         self.best_val = {}
         for c, row in loop["best_val"].items():
             if int(c) in self.states:

@@ -48,6 +48,16 @@ LOOP_FIELDS = (
     Field("clients_trained", "clients/trained", kind="count"),
     Field("failures"),  # [{round, client, reason}] since the last evaluated round
 )
+#: What a server step may measure (``Aggregate.metrics``), recorded after the loop's fields in the rounds it does:
+#: client-level DP (``fedhb.privacy``) reports the ε spent so far and the clip in force, secure aggregation its cost.
+SERVER_FIELDS = (
+    Field("epsilon", "privacy/epsilon", kind="other", higher_is_better=False, final=True),
+    Field("epsilon_mean", "privacy/epsilon_mean", kind="other", higher_is_better=False),
+    Field("dp_clip", "privacy/clip", kind="other"),
+    Field("dp_unclipped", "privacy/unclipped_fraction", kind="fraction"),
+    Field("secagg_bytes", "comm/secagg_bytes", kind="bytes", higher_is_better=False),
+    Field("secagg_time_s", "time/secagg_s", kind="seconds", higher_is_better=False),
+)
 #: Whole-run values of ``summary.json`` that the report and the HParams tab show.
 SUMMARY_FIELDS = (Field("wall_time_s", None, "wall time", "seconds", False, final=True, summary=True),)
 #: Per-client values, last in a record (``{client id: value}``).
@@ -73,7 +83,7 @@ REPORT_ORDER = ("personalized_acc", "worst_client_acc", "global_acc", "personali
 def all_fields(task_fields: Iterable[Field] | None = None) -> tuple[Field, ...]:
     """Every field of a run: the task's (classification by default), the loop's, the summary's."""
     task = tuple(classification_fields() if task_fields is None else task_fields)
-    return task + LOOP_FIELDS + SUMMARY_FIELDS
+    return task + LOOP_FIELDS + SERVER_FIELDS + SUMMARY_FIELDS
 
 
 def report_columns(task_fields: Iterable[Field] | None = None) -> tuple[Field, ...]:
@@ -88,8 +98,9 @@ def final_keys(task_fields: Iterable[Field] | None = None) -> tuple[Field, ...]:
 
 
 def round_record(rnd: int, metrics: Mapping[str, Any], loop_values: Mapping[str, Any],
-                 task_fields: Iterable[Field]) -> dict[str, Any]:
-    """A round's ``metrics.jsonl`` record: ``round``, the task's metrics, the loop's values, the per-client scores.
+                 task_fields: Iterable[Field], server: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A round's ``metrics.jsonl`` record: ``round``, the task's metrics, the loop's values, what the server step
+    measured (``server``, in :data:`SERVER_FIELDS` order, any other key after them), the per-client scores.
 
     Raises:
         KeyError: when a value a field names is missing (the record would silently lose a column).
@@ -99,6 +110,11 @@ def round_record(rnd: int, metrics: Mapping[str, Any], loop_values: Mapping[str,
         record[f.key] = metrics[f.key]
     for f in LOOP_FIELDS:
         record[f.key] = loop_values[f.key]
+    server = dict(server or {})
+    for f in SERVER_FIELDS:
+        if f.key in server:
+            record[f.key] = server.pop(f.key)
+    record.update(sorted(server.items()))
     record[PER_CLIENT] = metrics[PER_CLIENT]
     return record
 
@@ -106,7 +122,7 @@ def round_record(rnd: int, metrics: Mapping[str, Any], loop_values: Mapping[str,
 def tensorboard_scalars(record: Mapping[str, Any], task_fields: Iterable[Field]) -> dict[str, float]:
     """``{tag: value}`` of a round's record, leaving out values that are not defined (``None``, NaN)."""
     out = {}
-    for f in (*task_fields, *LOOP_FIELDS):
+    for f in (*task_fields, *LOOP_FIELDS, *SERVER_FIELDS):
         value = record.get(f.key)
         if f.tag is None or not isinstance(value, (int, float)) or isinstance(value, bool):
             continue

@@ -44,6 +44,15 @@ METRICS = report_columns()
 Metric = Field
 #: Whole-run values, read from ``summary.json`` rather than its final round.
 _SUMMARY_KEYS = tuple(f.key for f in METRICS if f.summary)
+#: Privacy columns, shown when some run has them: the ε reached (``summary.json``'s ``privacy``; runs without DP
+#: show ``—``) and the membership-inference audit (``audit``, averaged over clients); lower is more private.
+PRIVACY_METRICS = (
+    Field("epsilon", None, "ε", "epsilon", higher_is_better=False, summary=True),
+    Field("lira_auc", None, "MIA AUC (LiRA)", "auc", higher_is_better=False, summary=True),
+    Field("lira_tpr_at_1pct_fpr", None, "MIA TPR @1% FPR", "fraction", higher_is_better=False, summary=True),
+    Field("loss_auc", None, "MIA AUC (loss)", "auc", higher_is_better=False, summary=True),
+)
+_PRIVACY_KEYS = tuple(f.key for f in PRIVACY_METRICS)
 
 
 @dataclass
@@ -75,7 +84,12 @@ class Run:
 
     def value(self, key: str) -> float:
         """The run's final value of a metric (NaN where it is not defined, e.g. global accuracy of Local)."""
-        source = self.summary if key in _SUMMARY_KEYS else (self.summary.get("final") or {})
+        if key == "epsilon":
+            value = (self.summary.get("privacy") or {}).get("epsilon")
+            return math.inf if value is None and self.summary.get("privacy") else (
+                float(value) if isinstance(value, (int, float)) else math.nan)
+        source = (self.summary.get("audit") or {}) if key in _PRIVACY_KEYS else (
+            self.summary if key in _SUMMARY_KEYS else (self.summary.get("final") or {}))
         value = source.get(key)
         return float(value) if isinstance(value, (int, float)) else math.nan
 
@@ -190,9 +204,25 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: json.dumps(tree) if isinstance(tree, (list, tuple)) else tree}
 
 
+def _optional_group_defaults() -> dict[str, Any]:
+    """The defaults of the option groups that ``config.yaml`` holds only when they are used (``privacy``,
+    ``secure_aggregation``, ``audit``), flattened: a run that leaves one at its default and a run without it have the
+    same setting."""
+    import dataclasses
+
+    from fedhb.config import AuditArgs, PrivacyArgs, SecureAggregationArgs
+
+    groups: dict[str, Any] = {"privacy": PrivacyArgs(), "secure_aggregation": SecureAggregationArgs(),
+                              "audit": AuditArgs()}
+    return _flatten({k: dataclasses.asdict(v) for k, v in groups.items()})
+
+
 def setting(config: dict[str, Any]) -> dict[str, Any]:
-    """The options of a run that can change its numbers, flattened to dotted names, seed excluded."""
-    return {k: v for k, v in _flatten(config).items() if k != "seed" and not is_result_neutral(k)}
+    """The options of a run that can change its numbers, flattened to dotted names, seed excluded (and the optional
+    groups' options left at their defaults)."""
+    defaults = _optional_group_defaults()
+    return {k: v for k, v in _flatten(config).items() if k != "seed" and not is_result_neutral(k)
+            and not (k in defaults and v == defaults[k])}
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
@@ -257,19 +287,25 @@ def _mean_std(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else math.nan
 
 
-def summarize(groups: list[Group]) -> list[dict[str, Any]]:
+def columns_for(groups: Sequence[Group]) -> tuple[Metric, ...]:
+    """The table's columns: :data:`METRICS`, then the privacy columns that some run records."""
+    extra = tuple(m for m in PRIVACY_METRICS if any(not math.isnan(r.value(m.key)) for g in groups for r in g.runs))
+    return METRICS + extra
+
+
+def summarize(groups: list[Group], columns: Sequence[Metric] = METRICS) -> list[dict[str, Any]]:
     """One row per group: mean and std of every metric, and the metrics in which the row is best in its dataset."""
     rows = []
     for g in groups:
         row: dict[str, Any] = {"dataset": g.dataset, "algorithm": g.algorithm, "setting": g.setting, "label": g.name,
                                "runs": len(g.runs), "seeds": " ".join(str(r.seed) for r in g.runs)}
-        for m in METRICS:
+        for m in columns:
             row[f"{m.key}_mean"], row[f"{m.key}_std"] = _mean_std(g.values(m.key))
         row["best"] = []
         rows.append(row)
     for dataset in {r["dataset"] for r in rows}:
         members = [r for r in rows if r["dataset"] == dataset]
-        for m in METRICS:
+        for m in columns:
             means = [r[f"{m.key}_mean"] for r in members if not math.isnan(r[f"{m.key}_mean"])]
             if not means:
                 continue
@@ -296,6 +332,10 @@ def _cell(m: Metric, mean: float, std: float) -> str:
         return "—"
     if m.kind == "fraction":
         text = f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if not math.isnan(std) else "")
+    elif m.kind == "epsilon":
+        text = "∞" if math.isinf(mean) else f"{mean:.2f}" + (f" ± {std:.2f}" if not math.isnan(std) and std > 0 else "")
+    elif m.kind == "auc":
+        text = f"{mean:.3f}" + (f" ± {std:.3f}" if not math.isnan(std) else "")
     elif m.kind == "bytes":
         text = human_bytes(mean) + (f" ± {human_bytes(std)}" if not math.isnan(std) and std > 0 else "")
     else:
@@ -311,7 +351,8 @@ def _shown(path: Path) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], groups: list[Group], excluded: list[Run], figures: dict[str, list[Path]],
-             out: Path, sources: list[str], metric: str = "personalized_acc") -> str:
+             out: Path, sources: list[str], metric: str = "personalized_acc",
+             columns: Sequence[Metric] = METRICS) -> str:
     lines = ["# fedhb report", "",
              f"{sum(len(g.runs) for g in groups)} finished runs in {len(groups)} groups, from "
              f"{', '.join(f'`{s}`' for s in sources)}. Each cell is the mean ± sample standard deviation over seeds of "
@@ -321,11 +362,11 @@ def markdown(rows: list[dict[str, Any]], groups: list[Group], excluded: list[Run
              "figures), with the options that differ.", ""]
     for dataset in sorted({r["dataset"] for r in rows}):
         lines += [f"## {dataset}", "",
-                  "| run | options | seeds | " + " | ".join(str(m.title) for m in METRICS) + " |",
-                  "|---|---|---|" + "---:|" * len(METRICS)]
+                  "| run | options | seeds | " + " | ".join(str(m.title) for m in columns) + " |",
+                  "|---|---|---|" + "---:|" * len(columns)]
         for row in (r for r in rows if r["dataset"] == dataset):
             cells = []
-            for m in METRICS:
+            for m in columns:
                 text = _cell(m, row[f"{m.key}_mean"], row[f"{m.key}_std"])
                 cells.append(f"**{text}**" if m.key in row["best"] else text)
             options = row["setting"].replace("|", "/") or "—"
@@ -348,12 +389,12 @@ def markdown(rows: list[dict[str, Any]], groups: list[Group], excluded: list[Run
     return "\n".join(lines) + "\n"
 
 
-def table_csv(rows: list[dict[str, Any]]) -> str:
+def table_csv(rows: list[dict[str, Any]], columns: Sequence[Metric] = METRICS) -> str:
     """Raw numbers (accuracies as fractions, bytes, seconds); empty where undefined."""
-    columns = ["dataset", "algorithm", "setting", "label", "runs", "seeds"]
-    columns += [f"{m.key}_{stat}" for m in METRICS for stat in ("mean", "std")] + ["best"]
+    names = ["dataset", "algorithm", "setting", "label", "runs", "seeds"]
+    names += [f"{m.key}_{stat}" for m in columns for stat in ("mean", "std")] + ["best"]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
+    writer = csv.DictWriter(buffer, names, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else ";".join(v) if isinstance(v, list)
@@ -502,6 +543,54 @@ def plot_dataset(groups: list[Group], metric: str, out: Path,
     return written
 
 
+def epsilon_figure(groups: list[Group], metric: str) -> Any | None:
+    """Utility against privacy: each algorithm's mean final ``metric`` at each ε it ran with (a line through its
+    settings, ±1 std over seeds), and its runs without DP as a dashed line; ``None`` when no group has a finite ε."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    percent = metric.endswith(("acc", "f1", "auroc"))
+    scale = 100.0 if percent else 1.0
+    by_algorithm: dict[str, list[tuple[float, float, float]]] = {}
+    plain: dict[str, tuple[float, Group]] = {}
+    for g in groups:
+        eps, values = g.values("epsilon"), g.values(metric) * scale
+        mean, std = _mean_std(values)
+        if math.isnan(mean):
+            continue
+        e = float(np.nanmean(eps)) if not np.isnan(eps).all() else math.nan
+        if math.isnan(e):
+            plain[g.algorithm] = (mean, g)
+        elif math.isfinite(e):
+            mode = (g.runs[0].summary.get("privacy") or {}).get("mode", "DP")
+            by_algorithm.setdefault(f"{g.algorithm} ({mode}-level DP)", []).append(
+                (e, mean, 0.0 if math.isnan(std) else std))
+    if not by_algorithm:
+        return None
+    fig = Figure(figsize=(_WIDTH, 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    colours = line_styles(sorted(set(by_algorithm) | set(plain)))
+    for name, points in sorted(by_algorithm.items()):
+        points.sort()
+        colour, marker, dash = colours[name]
+        x, y, err = (np.array(v) for v in zip(*points))
+        ax.errorbar(x, y, yerr=err, color=colour, marker=marker, linestyle=dash, capsize=3, label=name)
+    for name, (mean, _) in sorted(plain.items()):
+        colour, _, _ = colours[name]
+        ax.axhline(mean, color=colour, linestyle="--", linewidth=1, label=f"{name} without DP")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "2468" else ""))
+    ax.set_xlabel("ε (at each run's δ; smaller is more private)")
+    pretty = metric.replace("_", " ")
+    ax.set_ylabel(f"{pretty} (%)" if percent else pretty)
+    ax.set_title(f"{groups[0].dataset}: {pretty} against ε", loc="left")
+    ax.grid(alpha=0.3, which="both")
+    fig.legend(loc="outside lower center", ncols=min(4, len(by_algorithm) + len(plain)), fontsize="small",
+               frameon=False)
+    return fig
+
+
 # -- the command ----------------------------------------------------------------------------------------------------
 def write_report(runs: Sequence[str | Path], out: str | Path = "report", metric: str = "personalized_acc",
                  overwrite: bool = False) -> Report:
@@ -532,13 +621,21 @@ def write_report(runs: Sequence[str | Path], out: str | Path = "report", metric:
         listing = "; ".join(f"{_shown(r.path)}: {r.status}, {r.reason}" for r in excluded[:5])
         raise ValueError(f"fedhb report: none of the {len(loaded)} runs found has finished ({listing})")
     check_metric(metric, [r for g in groups for r in g.runs])
-    rows = summarize(groups)
+    columns = columns_for(groups)
+    rows = summarize(groups, columns)
     out.mkdir(parents=True, exist_ok=True)
     figures: dict[str, list[Path]] = {}
     for dataset in sorted({g.dataset for g in groups}):
-        figures[dataset] = plot_dataset([g for g in groups if g.dataset == dataset], metric, out)
-    write_atomic(out / "report.csv", table_csv(rows))
-    write_atomic(out / "report.md", markdown(rows, groups, excluded, figures, out, [str(r) for r in runs], metric))
+        members = [g for g in groups if g.dataset == dataset]
+        figures[dataset] = plot_dataset(members, metric, out)
+        privacy = epsilon_figure(members, metric)
+        if privacy is not None:
+            path = out / f"{dataset}_{metric}_vs_epsilon.png"
+            _save(privacy, path)
+            figures[dataset].append(path)
+    write_atomic(out / "report.csv", table_csv(rows, columns))
+    write_atomic(out / "report.md", markdown(rows, groups, excluded, figures, out, [str(r) for r in runs], metric,
+                                             columns))
     files = [out / "report.md", out / "report.csv"] + [p for ps in figures.values() for p in ps]
     return Report(groups, rows, excluded, files)
 

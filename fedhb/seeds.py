@@ -24,6 +24,12 @@ class Stream(IntEnum):
     SELECTION = 7  # the clients that train in a round                  [seed, round, 7]
     DROPOUT = 11  # the clients that fail to report (--federation.dropout) [seed, round, attempt, 11]
     LORA_REDRAW = 404  # FLoRA's fresh LoRA A after each aggregation     [run key, round, 404, layer]
+    MISSING = 505  # which clients or samples lose a modality (--partition.missing_modality) [seed, 505(, client)]
+    DP_NOISE = 505  # client-level DP's Gaussian noise on the mean       [seed, round, 505]
+    DP_CLIENT_NOISE = 506  # noise a client adds itself (EPFL, distributed) [seed, round, client, 506]
+    SECAGG = 606  # a client's secure-aggregation secrets (simulation) [seed, round, client, 606]
+    DPSGD = 707  # DP-SGD's Poisson batches and gradient noise       [seed, round, client, 707]
+    AUDIT = 808  # the membership-inference audit's reference models [seed, client, shadow, 808]
 
 
 def rng(seed: int, *key: int) -> np.random.Generator:

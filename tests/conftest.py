@@ -75,3 +75,19 @@ def make_loop(tiny_data: Any) -> Any:
                           optim=optim_args, seed=seed, init=init)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def padchest_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A learnable PadChest label file in the published format (120 patients, 258 images), with images."""
+    from fedhb.data.fixtures_padchest import write_padchest_fixture
+
+    return str(write_padchest_fixture(tmp_path_factory.mktemp("padchest"), images=True))
+
+
+@pytest.fixture(scope="session")
+def multimodal_data(padchest_file: str) -> Any:
+    """The PadChest fixture's report text and tabular features (its 13 reports marked nan are absent)."""
+    from fedhb.data import PadChest
+
+    return PadChest(path=padchest_file).load()

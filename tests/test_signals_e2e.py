@@ -3,8 +3,6 @@ partitions that never split a patient, and short federations on each modality ru
 
 from __future__ import annotations
 
-import re
-import shlex
 import warnings
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from fedhb.data.fixtures_signals import (
     write_ptbxl_fixture,
     write_sprsound_fixture,
 )
+from fedhb.data.fixtures_signals import header_commands as fixture_commands
 from fedhb.data.fixtures_signals import main as write_signal_fixture
 from fedhb.data.partition import PartitionWarning
 from fedhb.fit import prepare_partition
@@ -138,16 +137,10 @@ def test_an_audio_federation_runs_from_the_icbhi_config(roots, tmp_path):
 
 def header_commands(config: Path) -> tuple[list[str], list[str]]:
     """The fixture writer's arguments and the ``fedhb fit`` overrides that a config's header gives for running it
-    without the data (the first two backticked commands after "Without the data:")."""
-    lines = []
-    for line in config.read_text().splitlines():
-        if not line.startswith("#"):
-            break
-        lines.append(line.lstrip("#").strip())
-    writer, overrides = re.findall(r"`([^`]+)`", " ".join(lines).split("Without the data:")[1])[:2]
-    words = shlex.split(writer)
+    without the data."""
+    words, overrides = fixture_commands(config)
     assert words[:3] == ["python", "-m", "fedhb.data.fixtures_signals"], words
-    return words[3:], shlex.split(overrides)
+    return words[3:], overrides
 
 
 def _rooted(words: list[str], old: str, new: str) -> list[str]:

@@ -15,6 +15,9 @@ from fedhb.algorithms.fedadam import FedAdam
 from fedhb.algorithms.fedala import FedALA
 from fedhb.algorithms.fedavg import FedAvg
 from fedhb.algorithms.fedavgm import FedAvgM
+from fedhb.algorithms.fedbabu import FedBABU
+from fedhb.algorithms.feddpa import FedDPA
+from fedhb.algorithms.feddyn import FedDyn
 from fedhb.algorithms.fednova import FedNova
 from fedhb.algorithms.fedper import FedPer
 from fedhb.algorithms.fedprox import FedProx
@@ -23,13 +26,16 @@ from fedhb.algorithms.fedsa_lora import FedSALoRA
 from fedhb.algorithms.fedyogi import FedYogi
 from fedhb.algorithms.ffa_lora import FFALoRA
 from fedhb.algorithms.flora import FLoRA
+from fedhb.algorithms.hetlora import HetLoRA
 from fedhb.algorithms.local import Local
 from fedhb.algorithms.moon import MOON
+from fedhb.algorithms.perfedavg import PerFedAvg
+from fedhb.algorithms.pfedme import PFedMe
 from fedhb.algorithms.scaffold import SCAFFOLD
 from fedhb.algorithms.trainer import LocalTrainer
 
 __all__ = [
     "APFL", "APPLE", "EPFL", "FFALoRA", "FLoRA", "MOON", "SCAFFOLD", "Algorithm", "Centralized", "Ditto",
-    "FedALA", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedNova", "FedPer", "FedProx", "FedRep", "FedSALoRA",
-    "FedYogi", "Local", "LocalTrainer",
+    "FedALA", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedBABU", "FedDPA", "FedDyn", "FedNova", "FedPer",
+    "FedProx", "FedRep", "FedSALoRA", "FedYogi", "HetLoRA", "Local", "LocalTrainer", "PFedMe", "PerFedAvg",
 ]

@@ -29,7 +29,8 @@ def weighted_average(states: list[State], weights: list[float] | Tensor, keys: l
 
 
 
-def pairwise_distance(vectors: Tensor, kind: str = "frobenius", block_elements: int = 1 << 22) -> Tensor:
+def pairwise_distance(vectors: Tensor, kind: str = "frobenius", block_elements: int = 1 << 16,
+                      add_to: Tensor | None = None) -> Tensor:
     """``(n, n)`` distances between the rows of ``vectors``: Euclidean (the Frobenius norm of the matrix difference)
     or cosine (``1 - cos``).
 
@@ -37,21 +38,33 @@ def pairwise_distance(vectors: Tensor, kind: str = "frobenius", block_elements: 
     ``|v_i|^2 + |v_j|^2 - 2 v_i.v_j``, which cancels badly for nearby rows and depends on n through the matmul. Rows
     are taken in blocks of ``b`` so that the ``(b, n, d)`` difference tensor holds at most ``block_elements`` values
     (at least one row): memory grows linearly with n, not as ``n^2 d``, and every distance is the same whatever the
-    block size or n, since each one is reduced over ``d`` alone.
+    block size or n, since each one is reduced over ``d`` alone. With ``add_to`` (an ``(n, n)`` float64 tensor) the
+    distances are added into it, block by block, and it is returned.
     """
-    v = vectors.to(torch.float64)
+    v = vectors.to(torch.float64).reshape(len(vectors), -1)
     if kind == "frobenius":
-        n, d = v.shape[0], max(1, v[0].numel() if v.shape[0] else 1)
+        n, d = v.shape
         rows = max(1, block_elements // max(1, n * d))
-        out = torch.empty(n, n, dtype=torch.float64)
+        out = torch.empty(n, n, dtype=torch.float64) if add_to is None else add_to
+        # One difference buffer and one row buffer for every block: allocating a fresh (rows, n, d) tensor per block
+        # fragments the heap, and peak memory then grows with n even though each block is freed.
+        diff = torch.empty(min(rows, n), n, d, dtype=torch.float64)
+        block = torch.empty(min(rows, n), n, dtype=torch.float64)
         for start in range(0, n, rows):
-            diff = v[start:start + rows, None, :] - v[None, :, :]
-            out[start:start + rows] = diff.pow_(2).sum(-1).sqrt_()
+            k = min(rows, n - start)
+            torch.sub(v[start:start + k, None, :], v[None, :, :], out=diff[:k])
+            torch.sum(diff[:k].pow_(2), -1, out=block[:k])
+            block[:k].sqrt_()
+            if add_to is None:
+                out[start:start + k] = block[:k]
+            else:
+                out[start:start + k] += block[:k]
         return out
     if kind == "cosine":
         norm = v.norm(dim=1, keepdim=True).clamp_min(1e-12)
         u = v / norm
-        return (1 - u @ u.T).clamp_min(0)
+        cosine = (1 - u @ u.T).clamp_min(0)
+        return cosine if add_to is None else add_to.add_(cosine)
     raise ValueError(f"--algorithm.distance must be frobenius or cosine; got {kind!r}")
 
 
@@ -62,15 +75,14 @@ def inverse_distance_weights(distance: Tensor) -> Tensor:
     none (the limit of ``1/d``), so identical B matrices give no NaN. With a single client the row is all zeros.
     """
     n = distance.shape[0]
-    off = ~torch.eye(n, dtype=torch.bool)
     weights = torch.zeros_like(distance)
     for i in range(n):
-        d = distance[i][off[i]]
+        d = torch.cat([distance[i, :i], distance[i, i + 1:]])  # row i without its diagonal
         if d.numel() == 0:
             continue
         zero = d <= 0
         row = zero.to(d.dtype) / zero.sum() if zero.any() else (1 / d) / (1 / d).sum()
-        weights[i][off[i]] = row
+        weights[i, :i], weights[i, i + 1:] = row[:i], row[i:]
     return weights
 
 
@@ -165,3 +177,30 @@ def ala_weight_step(weight: Tensor, grad: Tensor, global_: Tensor, local: Tensor
     """FedALA's element-wise weight update (arXiv 2212.01197, eq. 6): ``clip(W - eta g * (global - local), 0, 1)``,
     where ``g`` is the loss gradient at ``local + (global - local) * W``."""
     return torch.clamp(weight - eta * grad * (global_ - local), 0, 1)
+
+
+def coordinate_median(values: Tensor) -> Tensor:
+    """Element-wise median over the first dimension (clients), the mean of the two middle values for an even count
+    (``numpy.median``'s, which Flower's FedMedian uses)."""
+    return torch.quantile(values.to(torch.float64), 0.5, dim=0) if values.shape[0] > 0 else values
+
+
+def trimmed_mean(values: Tensor, beta: float) -> Tensor:
+    """Element-wise mean over the first dimension after cutting ``int(beta * n)`` values from each end (Flower's
+    ``_trim_mean``, after scipy's ``trim_mean``)."""
+    n = values.shape[0]
+    cut = int(beta * n)
+    if 2 * cut >= n:
+        raise ValueError(f"--algorithm.trim={beta} cuts all {n} clients' values; use trim < 0.5")
+    return values.to(torch.float64).sort(dim=0).values[cut:n - cut].mean(0)
+
+
+def krum_scores(vectors: Tensor, num_malicious: int) -> Tensor:
+    """Krum's score of each row (Blanchard et al., NeurIPS 2017): the sum of its squared distances to its
+    ``max(1, n - f - 2)`` nearest other rows (Flower's ``aggregate_krum``)."""
+    v = vectors.to(torch.float64)
+    d = (v[:, None, :] - v[None, :, :]).pow(2).sum(-1)
+    n = v.shape[0]
+    closest = max(1, n - num_malicious - 2)
+    d = d + torch.diag(torch.full((n,), float("inf"), dtype=torch.float64))  # a row is not its own neighbour
+    return d.sort(dim=1).values[:, :min(closest, n - 1)].sum(1) if n > 1 else torch.zeros(n, dtype=torch.float64)

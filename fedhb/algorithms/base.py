@@ -54,12 +54,16 @@ class Aggregate(Mapping[int, State]):
             Default: the size of the global state.
         backbone: ``{layer path: accumulated low-rank update}`` to merge into the frozen backbone that every client
             shares (FLoRA), as ``W_0 + (alpha / r) * update``; the loop merges it and keeps it in checkpoints.
+        metrics: ``{key: number}`` the server step measured this round (client-level DP's ε so far, its clip); the
+            loop adds them to the round's ``metrics.jsonl`` record (:data:`fedhb.record.SERVER_FIELDS` names their
+            TensorBoard tags).
     """
 
     received: dict[int, State]
     bytes_down: dict[int, int] | None = None
     catch_up_bytes: int | None = None
     backbone: Mapping[str, Tensor] = field(default_factory=dict)
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
     def of(cls, result: Mapping[int, State]) -> Aggregate:

@@ -17,10 +17,19 @@ class EPFL(Algorithm):
     ``j != i``, and sends client ``i`` the new A matrices ``lam * A_i + (1 - lam) * sum_{j != i} w_ij A_j``. B matrices
     and the head never leave the client.
 
-    Deliberate differences from FHBench's released code: the weights are the inverse-distance weights of the paper
-    (the released branch averaged uniformly), ``d_ij = 0`` (identical B) gives equal weight to the identical clients
-    instead of a division by zero, and ``layers`` selects which layers' B matrices enter the distance while every A
-    matrix is mixed.
+    This is what FHBench's released code (wph6/FHBench, ``ViT_Lora/core/comm.py``, ``NLP_Lora/core/comm.py`` and
+    ``Audio_Lora/core/comm.py``: ``cal_sim_mat`` and the ``EPFL`` branch of ``global_aggregate``) computes, with
+    ``lam`` its ``model_momentum``. Its time-series branch (``Timeseries_Lora/core/comm.py``) differs: every client
+    receives the same uniform mean of the A matrices, and its ``moment_lora_fed.py`` calls ``cal_sim_mat`` with one
+    of its two arguments, so that branch does not run as released. For three clients with B distances
+    ``d_01 = 5``, ``d_02 = 1``, ``d_12 = sqrt(18)`` and ``lam = 0.5``, client 0 gets
+    ``0.5 A_0 + 0.5 (A_1 / 6 + 5 A_2 / 6)`` here and in the ViT branch, ``(A_0 + A_1 + A_2) / 3`` in the time-series
+    one; fedhb follows the paper and the three branches that agree.
+
+    Deliberate differences from the released code: ``d_ij = 0`` (identical B) gives equal weight to the identical
+    clients (the code's ``if l2_distance == 0`` compares a list with 0, so it divides by zero and the row becomes
+    NaN), and ``layers`` selects which layers' B matrices enter the distance while every A matrix is mixed, as the
+    code's ``layers_part``.
     """
 
     def __init__(self, lam: float = 0.5, layers: str = "all", distance: str = "frobenius") -> None:
@@ -46,16 +55,16 @@ class EPFL(Algorithm):
         ids = sorted(uploads)
         pairs = select_layers(lora_pairs(list(uploads[ids[0]])), self.layers)
         total = torch.zeros(len(ids), len(ids), dtype=torch.float64)
-        for _, b in pairs:
-            total += pairwise_distance(torch.stack([uploads[i][b].flatten() for i in ids]), self.distance)
-        return total / max(1, len(pairs))
+        for _, b in pairs:  # each layer's distances are added into total block by block: no second (n, n) matrix
+            pairwise_distance(torch.stack([uploads[i][b].flatten() for i in ids]), self.distance, add_to=total)
+        return total.div_(max(1, len(pairs)))
 
     def aggregate(self, uploads: dict[int, State], num_samples: dict[int, int]) -> dict[int, State]:
         ids = sorted(uploads)
         weights = inverse_distance_weights(self.distances(uploads))
         out: dict[int, State] = {i: {} for i in ids}
         for a, _ in lora_pairs(list(uploads[ids[0]])):
-            stacked = torch.stack([uploads[i][a].to(torch.float64) for i in ids])
+            stacked = torch.stack([uploads[i][a] for i in ids]).to(torch.float64)
             mixed = torch.tensordot(weights, stacked, dims=1)
             for k, i in enumerate(ids):
                 lam = self.lam if len(ids) > 1 else 1.0

@@ -24,11 +24,13 @@ class FedALA(FedAvg):
     Instead of overwriting its model with the global one, a client starts each round from
     ``theta = theta_local + (theta_global - theta_local) * W`` for its last ``layers`` trainable tensors (the lower
     ones take the global values), with element-wise weights ``W`` in [0, 1]. ``W`` starts at 1 and is learned on a
-    random ``rand_percent`` % of the client's training data: ``W <- clip(W - eta * g * (theta_global - theta_local),
-    0, 1)`` with ``g`` the loss gradient at ``theta``; until the loss settles (standard deviation of the last
-    ``num_pre_loss`` epoch losses below ``threshold``, at most ``max_start_epochs`` epochs) the first time, one epoch
-    afterwards. Then the client trains as usual; the server averages like FedAvg. Clients are evaluated with their
-    local models (after local training); the global model is evaluated on the union of test splits.
+    random ``rand_percent`` % of the client's training data (one contiguous slice per round, drawn from the client's
+    seed and visited in the same order every epoch, as the reference's ``utils/ALA.py``):
+    ``W <- clip(W - eta * g * (theta_global - theta_local), 0, 1)`` with ``g`` the loss gradient at ``theta``;
+    until the loss settles (standard deviation of the last ``num_pre_loss`` epoch losses below ``threshold``, at most
+    ``max_start_epochs`` epochs) the first time, one epoch afterwards. Then the client trains as usual; the server
+    averages like FedAvg. Clients are evaluated with their local models (after local training); the global model is
+    evaluated on the union of test splits.
 
     Deliberate differences: tensors are counted over the trainable tensors (LoRA factors and head, in model order), so
     the default ``layers = 2`` adapts the head's weight and bias; the first weight learning is capped at
@@ -100,8 +102,11 @@ class FedALA(FedAvg):
         trainer.load(mix())  # the lower tensors already hold the global values
         losses: list[float] = []
         last = float("nan")
+        # One random contiguous slice of the training split per round, in the same order every epoch, as the
+        # reference's DataLoader(train_data[rand_idx:rand_idx + rand_num]) is.
+        rows = trainer.window(self.rand_percent / 100)
         for _ in range(self.max_start_epochs if first else 1):
-            for _, batch in trainer.batches(1, self.rand_percent / 100):
+            for _, batch in trainer.batches(1, rows=rows):
                 grads = trainer.gradients(batch, names=top, record=False)
                 weights = {k: ala_weight_step(weights[k], grads[k], glob[k], local[k], self.eta) for k in top}
                 trainer.load(mix())

@@ -109,22 +109,35 @@ class LocalTrainer:
         return {n: self.params[n].detach().clone() for n in names}
 
     # -- data -----------------------------------------------------------------------------------------------------
-    def batches(self, epochs: int = 1, fraction: float = 1.0) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+    def batches(self, epochs: int = 1, fraction: float = 1.0,
+                rows: Tensor | None = None) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
         """``(rows, batch)`` over the client's training split, reshuffled every epoch from the client's seed.
 
         Args:
             epochs: Passes over the data.
             fraction: Use only the first ``fraction`` of each epoch's shuffled order (at least one sample).
+            rows: Instead, these positions of the split, in this order, every epoch (see :meth:`window`).
         """
         n = len(self.index)
         for _ in range(epochs):
-            order = torch.randperm(n, generator=self.order)
-            if fraction < 1:
-                order = order[:max(1, int(fraction * n))]
+            if rows is not None:
+                order = rows
+            else:
+                order = torch.randperm(n, generator=self.order)
+                if fraction < 1:
+                    order = order[:max(1, int(fraction * n))]
             for start in range(0, len(order), self.batch_size):
-                rows = order[start:start + self.batch_size]
-                samples = torch.from_numpy(self.index[rows.numpy()])
-                yield rows, {k: self.fabric.to_device(v[samples]) for k, v in self.tensors.items()}
+                batch = order[start:start + self.batch_size]
+                samples = torch.from_numpy(self.index[batch.numpy()])
+                yield batch, {k: self.fabric.to_device(v[samples]) for k, v in self.tensors.items()}
+
+    def window(self, fraction: float) -> Tensor:
+        """A random contiguous run of ``max(1, int(fraction * n))`` positions of the client's training split, its
+        start drawn from the client's seed: a fixed subset to pass as :meth:`batches`' ``rows``."""
+        n = len(self.index)
+        size = min(n, max(1, int(fraction * n)))
+        start = int(torch.randint(0, n - size + 1, (1,), generator=self.order))
+        return torch.arange(start, start + size)
 
     # -- training -------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -189,7 +202,7 @@ class LocalTrainer:
         return value.detach()
 
     def fit(self, epochs: int | None = None, trainable: Iterable[str] | None = None, loss: ExtraLoss | None = None,
-            fraction: float = 1.0, before_step: BeforeStep | None = None) -> float:
+            fraction: float = 1.0, before_step: BeforeStep | None = None, lr: float | None = None) -> float:
         """Train for ``epochs`` (default ``--federation.local_epochs``) with a fresh optimizer state.
 
         Args:
@@ -198,13 +211,14 @@ class LocalTrainer:
             loss: Extra loss term ``loss(batch, out, rows)`` added at every step.
             fraction: Fraction of each epoch's shuffled order to use.
             before_step: Gradient correction ``before_step(trainable tensors)`` at every step.
+            lr: Learning rate of this call (default: the round's).
 
         Returns:
             The mean loss of this call's steps (NaN without data).
         """
         epochs = self.epochs if epochs is None else epochs
         steps, total = self.steps, self._loss_sum
-        self.reset_optimizer()
+        self.reset_optimizer(lr)
         self.module.train()
         with self.only(trainable):
             for rows, batch in self.batches(epochs, fraction):
@@ -214,7 +228,9 @@ class LocalTrainer:
 
     def gradients(self, batch: dict[str, Tensor], names: Iterable[str] | None = None, record: bool = True,
                   keep_rng: bool = False) -> State:
-        """Gradients of the task loss on ``batch`` at the current tensors, without an optimizer step.
+        """Gradients of the task loss on ``batch`` at the current tensors, without an optimizer step; under an fp16
+        loss scaler they are computed on the scaled loss and unscaled, and an overflow gives zero gradients (a skipped
+        step) and a lower scale, as in :meth:`step`.
 
         Args:
             batch: A batch from :meth:`batches`.
@@ -226,15 +242,28 @@ class LocalTrainer:
         names = self.names if names is None else list(names)
         rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []) if keep_rng \
             else contextlib.nullcontext()
+        # Under --fabric.precision 16-mixed, differentiate the loss times the scaler's scale (as step()'s backward
+        # does), so that small fp16 gradients do not underflow, and divide it out again.
+        scaler = getattr(self.fabric.strategy.precision, "scaler", None)
+        scaler = scaler if scaler is not None and scaler.is_enabled() else None
         with rng, self.only(names):
             with self.fabric.autocast():
                 value = self.module.training_step(batch)["loss"]
             self._check(value)
             self.last_loss = float(value.detach())
-            grads = torch.autograd.grad(value, [self.params[n] for n in names], allow_unused=True)
+            grads = torch.autograd.grad(value if scaler is None else scaler.scale(value),
+                                        [self.params[n] for n in names], allow_unused=True)
+        scale = 1.0 if scaler is None else float(scaler.get_scale())
         if record:
             self._record(value)
-        return {n: torch.zeros_like(self.params[n]) if g is None else g.detach() for n, g in zip(names, grads)}
+        out = {n: torch.zeros_like(self.params[n]) if g is None else g.detach() for n, g in zip(names, grads)}
+        if scaler is not None:
+            out = {n: g / scale for n, g in out.items()}
+            if not all(bool(torch.isfinite(g).all()) for g in out.values()):
+                # The scale overflowed: as the scaler's step would, skip (zero gradients) and lower the scale.
+                scaler.update(scale * scaler.get_backoff_factor())
+                out = {n: torch.zeros_like(g) for n, g in out.items()}
+        return out
 
     def record(self, loss: Tensor) -> None:
         """Count one local step with ``loss`` (for updates an algorithm applies itself)."""

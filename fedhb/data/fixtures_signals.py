@@ -280,6 +280,24 @@ WRITERS: dict[str, Callable[..., Path]] = {
 }
 
 
+def header_commands(config: str | Path) -> tuple[list[str], list[str]]:
+    """What a config's header says to run without the data: the fixture writer's words (``python -m ...``) and the
+    ``fedhb fit`` overrides, the first two backticked commands after "Without the data:"."""
+    import re
+    import shlex
+
+    lines = []
+    for line in Path(config).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    header = " ".join(lines)
+    if "Without the data:" not in header:
+        raise ValueError(f"{config}: its header has no 'Without the data:' commands")
+    writer, overrides = re.findall(r"`([^`]+)`", header.split("Without the data:")[1])[:2]
+    return shlex.split(writer), shlex.split(overrides)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=sorted(WRITERS), required=True)

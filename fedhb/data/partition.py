@@ -212,20 +212,94 @@ def partition_samples(
     split: tuple[float, float, float],
     seed: int,
     group_key: np.ndarray | None = None,
+    natural_key: np.ndarray | None = None,
 ) -> list[ClientSplit]:
     """Partition ``samples`` over clients and split each client's share; see :func:`partition_units`.
+
+    ``natural_key`` (``natural`` scheme only) gives the clients when they are not the groups: each of its values (a
+    site) is one client, while ``group_key`` (a patient) still keeps samples together in each client's split. Every
+    group must then lie within one value of ``natural_key``, or a patient would be on two clients.
 
     Warns (one :class:`PartitionWarning` naming the clients) when the result cannot be learned or validated as asked:
     see :func:`unlearnable_clients`. The partition itself is the same with or without the warning.
     """
     strat = samples.stratify_labels
-    shares = partition_units(strat, group_key, scheme, num_clients, alpha, min_samples, seed)
+    if scheme == "natural" and natural_key is not None:
+        if group_key is not None:
+            _check_nested(group_key, natural_key)
+        shares = partition_units(strat, natural_key, scheme, num_clients, alpha, min_samples, seed)
+    else:
+        shares = partition_units(strat, group_key, scheme, num_clients, alpha, min_samples, seed)
     splits = [split_client(idx, strat, group_key, split, seeds.derive(seed, seeds.Stream.SPLIT, k))
               for k, idx in enumerate(shares)]
     problem = unlearnable_clients(samples, splits, split)
     if problem is not None:
         warnings.warn(problem, PartitionWarning, stacklevel=2)
     return splits
+
+
+def _check_nested(groups: np.ndarray, natural: np.ndarray) -> None:
+    """Refuse a group (a patient) that spans two values of the natural key (two sites)."""
+    _, g = np.unique(groups, return_inverse=True)
+    _, n = np.unique(natural, return_inverse=True)
+    pairs = np.unique(np.stack([g, n]), axis=1)
+    spanning = int(len(pairs[0]) - len(np.unique(pairs[0])))
+    if spanning:
+        raise ValueError(f"--partition.natural_by: {spanning} groups of --partition.group_by lie in more than one of "
+                         f"its values, so they would be on two clients; group by a coarser key or choose another "
+                         f"natural key")
+
+
+def drop_modality(samples: Samples, splits: list[ClientSplit], modality: str, fraction: float, level: str,
+                  seed: int) -> tuple[Samples, dict[str, int]]:
+    """``samples`` with ``modality`` removed from a seeded ``fraction`` of the clients or of each client's samples.
+
+    ``level="client"``: ``round(fraction * clients)`` clients, drawn from the stream ``[seed, MISSING]``, lose the
+    modality in every sample (a hospital without reports). ``level="sample"``: each client ``k`` loses it in
+    ``round(fraction * n_k)`` of its ``n_k`` samples that hold it alongside another modality, drawn from
+    ``[seed, MISSING, k]``. Both depend on the seed and the partition only, never on the process. A sample never
+    loses its last modality: it keeps it (counted under ``kept_last``).
+
+    Returns:
+        The samples with their presence mask updated (inputs shared), and counts: ``clients`` (clients that lost it
+        in every sample), ``removed`` (samples that lost it), ``kept_last``.
+    """
+    if samples.modality != "multimodal" or modality not in samples.modalities:
+        raise ValueError(f"--partition.missing_modality {modality!r}: the data carries {list(samples.modalities)}; "
+                         f"a modality can only be removed from multimodal data that carries it")
+    if level not in ("client", "sample"):
+        raise ValueError(f"--partition.missing_level must be client or sample, got {level!r}")
+    mask = samples.presence(modality).copy()
+    others = np.zeros(len(samples), dtype=bool)
+    for m in samples.modalities:
+        if m != modality:
+            others |= samples.presence(m)
+    removed = kept = 0
+    chosen: list[int] = []
+    if level == "client":
+        k = int(round(fraction * len(splits)))
+        chosen = sorted(int(c) for c in seeds.rng(seed, seeds.Stream.MISSING).choice(len(splits), k, replace=False))
+        for c in chosen:
+            index = np.concatenate([splits[c].train, splits[c].val, splits[c].test])
+            drop = index[mask[index] & others[index]]
+            kept += int((mask[index] & ~others[index]).sum())
+            mask[drop] = False
+            removed += len(drop)
+    else:
+        for c, s in enumerate(splits):
+            index = np.sort(np.concatenate([s.train, s.val, s.test]))
+            eligible = index[mask[index] & others[index]]
+            k = int(round(fraction * len(eligible)))
+            drop = seeds.rng(seed, seeds.Stream.MISSING, c).choice(eligible, k, replace=False) if k else eligible[:0]
+            mask[drop] = False
+            removed += len(drop)
+    return samples.with_presence({modality: mask}), {"clients": len(chosen), "removed": removed, "kept_last": kept}
+
+
+def client_modalities(samples: Samples, split: ClientSplit) -> list[str]:
+    """The modalities a client holds: those present in at least one of its samples, in fusion order."""
+    index = np.concatenate([split.train, split.val, split.test])
+    return [m for m in samples.modalities if samples.presence(m)[index].any()]
 
 
 class PartitionWarning(UserWarning):

@@ -44,7 +44,8 @@ def load_pretrained(loader, backbone: str, **kwargs):
 #: Where each modality's named presets live (module, table); read lazily, since every module imports this one.
 _PRESET_TABLES = {"image": ("fedhb.models.vision", "VISION_PRESETS"), "text": ("fedhb.models.text", "TEXT_PRESETS"),
                   "signal": ("fedhb.models.timeseries", "MOMENT_PRESETS"),
-                  "audio": ("fedhb.models.audio", "AUDIO_PRESETS")}
+                  "audio": ("fedhb.models.audio", "AUDIO_PRESETS"),
+                  "tabular": ("fedhb.models.tabular", "TABULAR_PRESETS")}
 
 
 def presets() -> dict[str, list[str]]:
@@ -59,7 +60,7 @@ def presets() -> dict[str, list[str]]:
 
 
 #: What a dataset of each modality holds, for messages.
-_HOLDS = {"image": "images", "text": "text", "signal": "biosignals", "audio": "audio"}
+_HOLDS = {"image": "images", "text": "text", "signal": "biosignals", "audio": "audio", "tabular": "tabular features"}
 
 
 def check_preset_modality(backbone: str, modality: str) -> None:

@@ -73,17 +73,28 @@ def lora_pairs(names: Iterable[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def encoder_of(name: str) -> str:
+    """The modality whose encoder tensor ``name`` belongs to (``encoders.<modality>.``), or ``""`` for any other."""
+    parts = name.split(".")
+    return parts[1] if len(parts) > 2 and parts[0] == "encoders" else ""
+
+
 def select_layers(pairs: list[tuple[str, str]], layers: str) -> list[tuple[str, str]]:
     """``all``, ``first_half`` or ``second_half`` of the LoRA modules in model order (the middle one goes to the
-    second half when the count is odd)."""
-    half = len(pairs) // 2
+    second half when the count is odd), taken per encoder: with a text and an image backbone, ``first_half`` is the
+    first half of each one's layers, not the text encoder's layers alone."""
+    if layers not in ("all", "first_half", "second_half"):
+        raise ValueError(f"--algorithm.layers must be all, first_half or second_half; got {layers!r}")
     if layers == "all":
         return pairs
-    if layers == "first_half":
-        return pairs[:half] or pairs[:1]
-    if layers == "second_half":
-        return pairs[half:]
-    raise ValueError(f"--algorithm.layers must be all, first_half or second_half; got {layers!r}")
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for pair in pairs:
+        groups.setdefault(encoder_of(pair[0]), []).append(pair)
+    chosen = set()
+    for group in groups.values():
+        half = len(group) // 2
+        chosen.update(group[:half] or group[:1] if layers == "first_half" else group[half:])
+    return [p for p in pairs if p in chosen]
 
 
 # -- ranks ----------------------------------------------------------------------------------------------------------

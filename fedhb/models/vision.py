@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -38,7 +39,8 @@ class ImageEncoder(Encoder):
         self.register_buffer("std", torch.tensor(std[:channels]).view(-1, 1, 1), persistent=False)
 
     def prepare(self, samples: Samples) -> dict[str, Tensor]:
-        images = torch.from_numpy(samples.inputs)
+        # np.asarray: an array-like that decodes its files on demand (fedhb.data.padchest.ImageFiles) reads them here.
+        images = torch.from_numpy(np.asarray(samples.inputs))
         images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
         return {"pixels": images.contiguous()}  # uint8: a 224-px set stays 4x smaller than in float
 

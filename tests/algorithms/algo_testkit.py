@@ -51,20 +51,32 @@ class ToyFabric:
         return contextlib.nullcontext()
 
 
+def make_optimizer(params: Any, optim: OptimArgs) -> torch.optim.Optimizer:
+    """The optimizer ``fedhb.client.ClientModule.configure_optimizers`` builds for ``optim``."""
+    if optim.name == "sgd":
+        return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    if optim.name == "adam":
+        return torch.optim.Adam(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
 def toy_trainer(params: dict[str, list[float]], data: list[float], *, lr: float = 0.5,
                 epochs: int = 1, batch_size: int = 64, client: int = 0, rnd: int = 1, rounds: int = 10,
-                optim: OptimArgs | None = None, fabric: Any = None) -> tuple[LocalTrainer, ToyModule]:
-    """A trainer over ``params`` and samples ``data``; with ``fabric`` (a real one), module and optimizer are set up
-    through it, so its precision plugin applies."""
-    module = ToyModule(params)
-    optimizer: Any = torch.optim.SGD(module.values, lr=lr)
+                optim: OptimArgs | None = None, fabric: Any = None,
+                module: nn.Module | None = None) -> tuple[LocalTrainer, Any]:
+    """A trainer over ``params`` and samples ``data`` with the optimizer ``optim`` names (default plain SGD at
+    ``lr``); with ``fabric`` (a real one), module and optimizer are set up through it, so its precision plugin
+    applies. ``module`` replaces the toy module (it needs ``trainable``, ``features`` and ``training_step``)."""
+    optim = optim or OptimArgs(name="sgd", lr=lr, schedule="constant", min_lr=0.0)
+    module = ToyModule(params) if module is None else module
+    optimizer: Any = make_optimizer(list(module.parameters()), optim)
     wrapped: Any = module
     if fabric is not None:
         wrapped, optimizer = fabric.setup(module, optimizer)
     tensors = {"x": torch.tensor(data, dtype=torch.float32), "labels": torch.zeros(len(data), dtype=torch.long)}
     trainer = LocalTrainer(fabric or ToyFabric(), wrapped, module, optimizer, tensors, np.arange(len(data)),
                            epochs=epochs, batch_size=batch_size, eval_batch_size=batch_size, lr=lr,
-                           optim=optim or OptimArgs(name="sgd", lr=lr, schedule="constant", min_lr=0.0), seed=0,
+                           optim=optim, seed=0,
                            round=rnd, rounds=rounds, client=client)
     return trainer, module
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedhb.algorithms import APFL, APPLE, SCAFFOLD, FedAdam, FedALA, FLoRA
+from fedhb.algorithms import APFL, APPLE, SCAFFOLD, FedAdam, FedALA, FedDyn, FLoRA, HetLoRA, PFedMe
 from fedhb.config import CheckpointArgs, FabricArgs, FederationArgs, OptimArgs, PartitionArgs
 from fedhb.data import MedMNIST
 from fedhb.fit import fit
@@ -27,8 +27,10 @@ def _comparable(out):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("make", [SCAFFOLD, FedAdam, APFL, APPLE, lambda: FedALA(max_start_epochs=2), FLoRA,
-                                  lambda: FLoRA(ranks=[8, 2])],
-                         ids=["SCAFFOLD", "FedAdam", "APFL", "APPLE", "FedALA", "FLoRA", "FLoRA-ranks"])
+                                  lambda: FLoRA(ranks=[8, 2]), lambda: FedAdam(variant="flower"), FedDyn,
+                                  lambda: PFedMe(inner_steps=2), lambda: HetLoRA(ranks=[8, 2], lam=0.1)],
+                         ids=["SCAFFOLD", "FedAdam", "APFL", "APPLE", "FedALA", "FLoRA", "FLoRA-ranks",
+                              "FedAdam-flower", "FedDyn", "PFedMe", "HetLoRA-ranks"])
 def test_resuming_after_round_one_gives_the_uninterrupted_numbers(organamnist_root, tmp_path, make):
     out = tmp_path / "run"
     _fit(organamnist_root, out, make())

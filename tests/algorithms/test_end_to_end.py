@@ -23,6 +23,9 @@ from fedhb.algorithms import (
     FedALA,
     FedAvg,
     FedAvgM,
+    FedBABU,
+    FedDPA,
+    FedDyn,
     FedNova,
     FedPer,
     FedProx,
@@ -31,7 +34,10 @@ from fedhb.algorithms import (
     FedYogi,
     FFALoRA,
     FLoRA,
+    HetLoRA,
     Local,
+    PerFedAvg,
+    PFedMe,
 )
 from fedhb.cli import main
 from fedhb.config import CheckpointArgs, FabricArgs, FederationArgs, ModelArgs, OptimArgs, PartitionArgs
@@ -43,11 +49,17 @@ NAMES = sorted(n for n in algorithms.__all__ if n not in ("Algorithm", "LocalTra
 
 
 def every_algorithm():
-    """``{label: algorithm}``: every algorithm once under its name, and FLoRA once more with a LoRA rank per client."""
+    """``{label: algorithm}``: every algorithm once under its name; FLoRA and HetLoRA once more with a LoRA rank per
+    client, FedAvg with each robust server step, the FedOpt family in Flower's variant."""
     runs = [FedAvg(), Local(), EPFL(lam=0.3, layers="second_half", distance="cosine"), FedProx(mu=0.1),
             SCAFFOLD(), APFL(), APPLE(), FedALA(max_start_epochs=2), MOON(), FedNova(), FedAdam(), FedYogi(),
-            FedAdagrad(), FedAvgM(), Ditto(), FedRep(), FedPer(), FedSALoRA(), FFALoRA(), FLoRA(), Centralized()]
-    return {**{type(a).__name__: a for a in runs}, "FLoRA-ranks": FLoRA(ranks=[8, 4, 2])}
+            FedAdagrad(), FedAvgM(), Ditto(), FedRep(), FedPer(), FedSALoRA(), FFALoRA(), FLoRA(), Centralized(),
+            FedDyn(), FedBABU(), PerFedAvg(), PFedMe(inner_steps=2), HetLoRA(), FedDPA()]
+    return {**{type(a).__name__: a for a in runs}, "FLoRA-ranks": FLoRA(ranks=[8, 4, 2]),
+            "HetLoRA-ranks": HetLoRA(ranks=[8, 4, 2], lam=0.1), "FedAvg-median": FedAvg(aggregation="median"),
+            "FedAvg-trimmed_mean": FedAvg(aggregation="trimmed_mean", trim=0.25),
+            "FedAvg-krum": FedAvg(aggregation="krum", krum_keep=2), "FedAdam-flower": FedAdam(variant="flower"),
+            "FedAdagrad-flower": FedAdagrad(variant="flower")}
 
 
 LABELS = list(every_algorithm())
@@ -130,5 +142,6 @@ def test_every_algorithm_gives_the_same_numbers_on_one_and_two_processes(organam
         has_global = every_algorithm()[name].has_global_model
         assert (ra["global_acc"] is not None) == has_global, name
     # Clients of rank 8, 4 and 2 upload less than clients all of rank 8.
-    assert _records(tmp_path / "one" / "FLoRA-ranks")[-1]["bytes_up"] < _records(tmp_path / "one" / "FLoRA")[-1][
-        "bytes_up"]
+    for method in ("FLoRA", "HetLoRA"):
+        ranked, full = _records(tmp_path / "one" / f"{method}-ranks")[-1], _records(tmp_path / "one" / method)[-1]
+        assert ranked["bytes_up"] < full["bytes_up"], method

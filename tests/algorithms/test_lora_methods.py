@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from algo_testkit import t, toy_trainer
 
+from fedhb import seeds
 from fedhb.algorithms import EPFL, FedSALoRA, FFALoRA, FLoRA
 from fedhb.algorithms._ops import stack_lora, state_bytes
+from fedhb.algorithms.flora import fresh_a, run_key
 
 A, B = "enc.q.lora_A.default.weight", "enc.q.lora_B.default.weight"
 HEAD = "head.1.weight"
@@ -97,7 +101,12 @@ def test_flora_aggregate_accumulates_the_sample_weighted_update_and_resets_adapt
     # Assert: 0.75 * [[1, 1], [0, 0]] + 0.25 * [[0, 0], [0, 6]] per round, accumulated over the two rounds.
     once = torch.tensor([[0.75, 0.75], [0.0, 1.5]], dtype=torch.float64)
     torch.testing.assert_close(algo.merged_update("enc.q"), 2 * once, rtol=0, atol=0)
-    assert torch.equal(received[1][A], m([1.0, 0.0])) and torch.equal(received[1][B], m([0.0], [0.0]))
+    # After aggregation 1 the adapters restart from B = 0 and a fresh A: peft's kaiming_uniform_(a=sqrt(5)), bound
+    # 1 / sqrt(in), drawn from the stream [run key, 1, LORA_REDRAW, layer 0]; the second aggregation draws again.
+    gen = torch.Generator().manual_seed(seeds.derive(run_key({A: m([1.0, 0.0])}), 1, seeds.Stream.LORA_REDRAW, 0))
+    first = torch.empty(1, 2).uniform_(-1 / math.sqrt(2), 1 / math.sqrt(2), generator=gen)
+    assert torch.equal(received[1][A], first) and torch.equal(received[1][B], m([0.0], [0.0]))
+    assert not torch.equal(algo.global_state()[A], first) and algo.global_state()[A].abs().max() <= 1 / math.sqrt(2)
     assert torch.equal(received[0][HEAD], m([3.0]))  # 0.75 * 2 + 0.25 * 6
     assert state_bytes(received[0]) == state_bytes(uploads[0])
 
@@ -121,8 +130,9 @@ def test_flora_with_a_rank_per_client_by_hand():
     # 0.25 * (2 / 2) * I + 0.75 * (2 / 1) * [[1, 1], [0, 0]]: each update at its client's scaling alpha / r_k.
     expected = torch.tensor([[1.75, 1.5], [0.0, 0.25]], dtype=torch.float64)
     torch.testing.assert_close(algo.merged_update("enc.q"), expected, rtol=0, atol=0)
-    # Each client restarts from the initial A cut to its rank, B = 0, and the averaged head (0.25 * 2 + 0.75 * 6).
-    assert torch.equal(received[0][A], eye) and torch.equal(received[1][A], m([1.0, 0.0], [0.0, 0.0]))
+    # Each client restarts from the round's fresh A cut to its rank, B = 0, and the averaged head (0.25*2 + 0.75*6).
+    fresh = fresh_a(run_key({A: eye}), 1, 0, (2, 2))
+    assert torch.equal(received[0][A], fresh) and torch.equal(received[1][A], torch.cat([fresh[:1], m([0.0, 0.0])]))
     assert not received[1][B].any() and torch.equal(received[1][HEAD], m([5.0]))
     # Download: the stacked factors ((4 + 4) + (2 + 2) floats) and the head; a client catching up gets the dense 2x2.
     assert algo.download_bytes(received[1]) == (8 + 4) * 4 + 4

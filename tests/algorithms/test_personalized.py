@@ -103,19 +103,94 @@ def test_apple_step_by_hand():
     assert torch.equal(algo.personalized_model(state)[W], t(2.25))  # 0.5 * 0.5 + 1.0 * 2
 
 
-def test_apple_proximal_term_pulls_p_toward_uniform_and_fades_by_cosine():
-    algo = _setup(APPLE(mu=2.0, dr_lr=0.125, prox_rounds=0.2), clients=2)
+def test_apple_regulariser_is_the_codes_without_a_half_and_fades_from_round_one():
+    # Issue #18, defect 2: the code's lambda(r) ||p - p0||^2 (gradient 2 lambda (p - p0)) with r counted from 0.
+    algo = _setup(APPLE(mu=2.0, dr_lr=0.125, prox_rounds=0.2, schedule="cosine"), clients=2)
     state = algo.init_client_state({W: t(0.0)}, 0)
     state["algo/apple/p"] = torch.tensor([1.0, 0.0], dtype=torch.float64)
-    # Data mean equals the personalized model (0), so only the proximal term moves p.
-    trainer, _ = toy_trainer({W: [0.0]}, [0.0], rnd=1, rounds=10, client=1)
+    # Data mean equals the personalized model (0), so only the regulariser moves p.
+    trainer, _ = toy_trainer({W: [0.0]}, [0.0], rnd=2, rounds=10, client=1)
 
     algo.local_update(trainer, state)
 
-    # L = 0.2 * 10 = 2; lambda(1) = (1 + cos(pi / 2)) / 2 = 0.5; dp = 0.5 * 2 * (p - 0.5) = (0.5, -0.5).
-    torch.testing.assert_close(state["algo/apple/p"], torch.tensor([0.9375, 0.0625], dtype=torch.float64))
-    assert algo.proximal_weight(2, 10) == pytest.approx(0.0)
-    assert algo.proximal_weight(3, 10) == 0.0
+    # L = int(0.2 * 10) = 2; round 2 is r = 1: lambda = 2 * (1 + cos(pi / 2)) / 2 = 1; dp = 2 * 1 * (p - 0.5).
+    torch.testing.assert_close(state["algo/apple/p"], torch.tensor([0.875, 0.125], dtype=torch.float64))
+    assert algo.proximal_weight(1, 10) == 2.0 and algo.proximal_weight(3, 10) == 0.0
+    exponential = APPLE(mu=2.0, prox_rounds=0.2)  # the code's default schedule: mu * 0.001^(r / L)
+    assert exponential.proximal_weight(1, 10) == 2.0
+    assert exponential.proximal_weight(2, 10) == pytest.approx(2.0 * 0.001 ** 0.5)
+    assert exponential.proximal_weight(3, 10) == 0.0
+
+
+def test_apple_learns_the_sample_shares_from_the_first_full_aggregation():
+    # Prepare: 3 clients with 1, 3 and 4 training samples; the server sees all of them in round 1.
+    algo = _setup(APPLE(mu=0.0), clients=3)
+    uploads = {c: {W: t(float(c))} for c in range(3)}
+
+    received = algo.aggregate(uploads, {0: 1, 1: 3, 2: 4})
+    partial = _setup(APPLE(), clients=3).aggregate({0: uploads[0]}, {0: 1})
+
+    shares = torch.tensor([1 / 8, 3 / 8, 4 / 8], dtype=torch.float64)
+    assert all(torch.equal(r["algo/apple/shares"], shares) for r in received.values())
+    assert "algo/apple/shares" not in partial[0]  # not every count known yet: p stays uniform
+    restored = _setup(APPLE(), clients=3)
+    restored.load_state_dict(algo.state_dict())
+    assert torch.equal(restored.aggregate({1: uploads[1]}, {1: 3})[1]["algo/apple/shares"], shares)
+    assert "algo/apple/shares" not in _setup(APPLE(init="uniform"), clients=3).aggregate(uploads, {0: 1, 1: 3,
+                                                                                                   2: 4})[0]
+
+    # Execute: client 1's next local update (mu = 0: only the shift and the loss move p).
+    state = algo.init_client_state({W: t(0.0)}, 1)
+    state["algo/apple/p"] = torch.tensor([0.3, 0.3, 0.4], dtype=torch.float64)  # after round 1 from uniform
+    state["algo/apple/shares"] = received[1]["algo/apple/shares"]
+    trainer, _ = toy_trainer({W: [0.0]}, [0.0], client=1)
+    algo.local_update(trainer, state)
+
+    # Assert: p shifted by shares - 1/3, the target now the shares (all cores 0 and data 0: no gradient).
+    torch.testing.assert_close(state["algo/apple/p"], torch.tensor([0.3, 0.3, 0.4], dtype=torch.float64) + shares
+                               - 1 / 3)
+    assert torch.equal(state["algo/apple/p0"], shares)
+
+
+def test_apple_equals_a_rederivation_of_the_released_training_loop():
+    """Re-derives ``train_one_round`` of ljaiverson/pFL-APPLE ``train_APPLE.py`` (commit 80781967): the personalized
+    model ``sum_j ps_j core_j`` (``ClientNet.superBlock``), loss plus ``reg_loss(ps, p0, get_reg_coef(args, r))``
+    (``utils/losses.py``), ``optim.SGD([own core, {ps, lr: lr_coef}], lr=lr_net, momentum=0.9)`` with only the own
+    core trainable, a fresh optimizer each round."""
+    # Prepare: 3 clients; client 1 holds cores (0.5, -1), (1, 2), (-2, 0.5); p and p0 at the shares; round 2 of 10.
+    shares = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    cores = [t(0.5, -1.0), t(1.0, 2.0), t(-2.0, 0.5)]
+    algo = _setup(APPLE(mu=0.5, dr_lr=0.05, prox_rounds=0.5), clients=3)
+    state = algo.init_client_state({W: cores[1].clone()}, 1)
+    state.update({f"algo/apple/core/{j}/{W}": cores[j].clone() for j in (0, 2)})
+    state.update({"algo/apple/p": torch.tensor([0.1, 0.5, 0.4], dtype=torch.float64), "algo/apple/p0": shares,
+                  "algo/apple/shares": shares})
+    data = [1.0, -2.0, 3.0, 0.5, 2.5]
+    trainer, _ = toy_trainer({W: cores[1].tolist()}, data, lr=0.1, epochs=2, batch_size=2, client=1, rnd=2)
+    twin, _ = toy_trainer({W: cores[1].tolist()}, data, lr=0.1, epochs=2, batch_size=2, client=1, rnd=2)
+    order = [rows for rows, _ in twin.batches(2)]
+
+    # Execute
+    algo.local_update(trainer, state)
+
+    # Assert: the released loop on the same batches (the toy loss at the personalized model).
+    own = torch.nn.Parameter(cores[1].clone())
+    ps = torch.nn.Parameter(torch.tensor([0.1, 0.5, 0.4]))
+    p0 = shares.float()
+    optimizer = torch.optim.SGD([{"params": [own]}, {"params": [ps], "lr": 0.05 * 1.0 ** 1}], lr=0.1 * 1.0 ** 1,
+                                momentum=0.9)
+    horizon = int(10 * 0.5)
+    coef = (0.001 / 1) ** (1 / horizon) * 0.5  # get_reg_coef, exponential, r = 1
+    x = torch.tensor(data)
+    for rows in order:
+        optimizer.zero_grad()
+        mixed = ps[0] * cores[0] + ps[1] * own + ps[2] * cores[2]
+        loss = 0.5 * (mixed[None, :] - x[rows][:, None]).pow(2).sum(1).mean() + torch.sum((ps - p0) * (ps - p0)) * coef
+        loss.backward()
+        optimizer.step()
+    torch.testing.assert_close(state["algo/apple/p"].float(), ps.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(state[f"algo/apple/core/1/{W}"], own.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(trainer.read()[W], own.detach(), rtol=0, atol=1e-6)
 
 
 def test_apple_clients_receive_every_other_participants_core():
@@ -185,6 +260,46 @@ def test_fedala_first_weight_learning_stops_when_the_loss_settles():
     # Epoch losses 0.5, 0, 0: after three the spread of the last two is 0 < 0.1. Recorded as no local steps.
     assert trainer.steps == 0
     assert torch.equal(trainer.read()[W], t(1.0))
+
+
+def test_fedala_learns_on_one_slice_per_round_as_the_reference_ala():
+    """Re-derives ``ALA.adaptive_local_aggregation`` of TsingZ0/PFLlib ``system/utils/ALA.py`` (commit d832e76f):
+    one ``DataLoader(train_data[rand_idx:rand_idx + rand_num])`` per round, unshuffled, reused every weight-learning
+    epoch, with ``weight = clamp(weight - eta * grad * (param_g - param), 0, 1)`` after every batch."""
+    # Prepare: 8 samples, rand_percent 50 (a slice of 4), batches of 2, three epochs (threshold 0 never stops).
+    data = [0.5, 3.0, -1.0, 2.0, 4.0, -2.5, 1.5, 0.0]
+    algo = _setup(FedALA(layers=1, eta=0.3, rand_percent=50, threshold=0.0, num_pre_loss=10, max_start_epochs=3),
+                  names=(BODY, W))
+    trainer, _ = toy_trainer({BODY: [5.0], W: [2.0, -1.0]}, data, batch_size=2)
+    seen = []
+    gradients = trainer.gradients
+
+    def recording(batch, **kwargs):
+        seen.append(batch["x"].tolist())
+        return gradients(batch, **kwargs)
+
+    trainer.gradients = recording
+    glob, local, weights = {W: t(2.0, -1.0)}, {W: t(0.0, 1.0)}, {W: t(1.0, 1.0)}
+
+    # Execute
+    learned = algo.learn_weights(trainer, glob, local, weights, first=True)
+
+    # Assert: every epoch saw the same contiguous slice in the same order (issue #18, defect 6) ...
+    epochs = [sum(seen[i:i + 2], []) for i in range(0, 6, 2)]
+    assert epochs[0] == epochs[1] == epochs[2]
+    start = data.index(epochs[0][0])
+    assert epochs[0] == data[start:start + 4]
+    # ... and the weights are the reference's on that slice.
+    weight = torch.ones(2)
+    param, param_g = local[W], glob[W]
+    for _ in range(3):
+        for first in range(0, 4, 2):
+            x = torch.tensor(epochs[0][first:first + 2])
+            param_t = param + (param_g - param) * weight
+            grad = param_t - x.mean()  # the toy loss's gradient at param_t
+            weight = torch.clamp(weight - 0.3 * (grad * (param_g - param)), 0, 1)
+    torch.testing.assert_close(learned[W], weight, rtol=0, atol=1e-7)
+    torch.testing.assert_close(trainer.read()[W], param + (param_g - param) * weight, rtol=0, atol=1e-7)
 
 
 # -- FedRep and FedPer ----------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from fedhb.algorithms import (
     Local,
 )
 from fedhb.algorithms._ops import weighted_average
+from fedhb.algorithms.flora import fresh_a, run_key
 from fedhb.loop import client_seed
 
 
@@ -160,11 +161,37 @@ def test_flora_merges_the_sample_weighted_sum_of_the_clients_updates(make_loop):
         w0 = local.client_module.get_submodule(FLoRA.layer_of(a)).base_layer.weight
         torch.testing.assert_close(layer.base_layer.weight, (w0.double() + layer.scaling["default"] * expected)
                                    .float(), rtol=0, atol=1e-6)
-    # Every client restarts from the initial A and a zero B.
+    # Every client restarts from a zero B and round 1's fresh A: peft's initialisation drawn from the run key.
     start = make_loop(Local()).client_module.get_state()
+    key = run_key(start)
     for state in models(flora).values():
-        assert all(torch.equal(state[k], start[k]) for k in lora(flora.model_names, "A"))
+        for layer, a in enumerate(lora(flora.model_names, "A")):
+            assert torch.equal(state[a], fresh_a(key, 1, layer, tuple(start[a].shape)))
+            assert not torch.equal(state[a], start[a])
         assert all(not state[k].any() for k in lora(flora.model_names, "B"))
+
+
+def _rank_and_inside(update, a0):
+    """Numerical rank of ``update`` (singular values above 1e-3 of the largest) and the share of its energy in the
+    row space of ``a0``."""
+    basis, _ = torch.linalg.qr(a0.double().T)
+    inside = float((update @ basis).pow(2).sum() / update.pow(2).sum())
+    return int(torch.linalg.matrix_rank(update, rtol=1e-3)), inside
+
+
+def test_flora_accumulated_update_leaves_the_row_space_of_the_initial_a(make_loop):
+    # Issue #18, defect 1: restarting every round from the run's initial A kept the merged update in rowspace(A0)
+    # (rank 8 or 9 at r = 8, energy share 1.000 after 4 rounds); a fresh A each round lets it grow.
+    loop = make_loop(FLoRA(), clients=3)
+    a0 = loop.client_module.get_state()
+
+    run(loop, 4)
+
+    r = loop.client_module.get_state()[lora(loop.model_names, "A")[0]].shape[0]
+    for a in lora(loop.model_names, "A"):
+        rank, inside = _rank_and_inside(loop.algorithm.merged_update(FLoRA.layer_of(a)), a0[a])
+        assert rank >= 2 * r, (a, rank)
+        assert inside < 0.5, (a, inside)
 
 
 def test_a_flora_client_of_lower_rank_trains_as_a_model_of_that_rank(make_loop):
@@ -222,6 +249,9 @@ def _plain_training(loop, index, rounds, seed_client=0):
 
 @pytest.mark.parametrize("clients", [1, 3])
 def test_centralized_equals_plain_training_on_the_pooled_data(make_loop, clients):
+    """``_plain_training`` re-derives the plain SGD loop of PFLlib's ``system/flcore/clients/clientavg.py::train``
+    (TsingZ0/PFLlib, commit d832e76f6a23b833038949ec1e4fdefe63a4d350: zero_grad, backward, step over the shuffled
+    loader) on the pooled training data."""
     import numpy as np
 
     central = run(make_loop(Centralized(), clients=clients), 2)
@@ -257,3 +287,25 @@ def test_a_diverged_client_keeps_the_whole_state_it_started_with(make_loop):
     assert float(loop.states[1]["algo/count"]) == 1.0
     # Client 0 is left out of the aggregation and keeps its model and its counter as they were.
     assert_states_equal({0: loop.states[0]}, {0: before})
+
+
+class _Poisoned(FedAvg):
+    """Hospital 3 uploads a corrupted model (every tensor 25) after training."""
+
+    def local_update(self, trainer, state):
+        trainer.fit()
+        if trainer.client == 3:
+            trainer.load({k: torch.full_like(v, 25.0) for k, v in trainer.read().items()})
+
+
+@pytest.mark.parametrize("aggregation", ["median", "trimmed_mean", "krum"])
+def test_one_poisoned_hospital_of_ten_moves_a_robust_federation_less_than_the_mean(make_loop, aggregation):
+    def moved(rule):
+        clean = run(make_loop(FedAvg(aggregation=rule), clients=10), 1).algorithm.global_state()
+        poisoned = run(make_loop(_Poisoned(aggregation=rule), clients=10), 1).algorithm.global_state()
+        return max(float((poisoned[k] - clean[k]).abs().max()) for k in clean)
+
+    mean_shift, robust_shift = moved("mean"), moved(aggregation)
+
+    assert mean_shift > 1.0  # client 3's share of the samples times 25
+    assert robust_shift < mean_shift / 10

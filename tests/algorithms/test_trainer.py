@@ -86,3 +86,56 @@ def test_load_refuses_unknown_names_and_an_empty_split_reports_zero_loss():
         trainer.load({"head.2.weight": t(1.0)})
     trainer.fit()
     assert trainer.steps == 0 and trainer.mean_loss == 0.0
+
+
+class _Fp16Matmul(torch.nn.Module):
+    """Loss ``1e-8 * sum(x w^T)`` through a matmul that autocast runs in fp16: without a loss scale its gradient
+    ``1e-8 * sum(x)`` underflows in fp16's backward (smallest subnormal 6e-8)."""
+
+    names = [HEAD]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([0.5, 0.25]))
+
+    def trainable(self):
+        return {HEAD: self.w}
+
+    def features(self, batch):
+        return batch["x"][:, None] * self.w[None, :]
+
+    def training_step(self, batch):
+        out = batch["x"][:, None] @ self.w[None, :]
+        return {"loss": (out.float() * 1e-8).sum(), "features": self.features(batch)}
+
+
+def test_gradients_go_through_the_fp16_loss_scale_as_steps_do():
+    # Issue #18, defect 5. Prepare: 16-mixed precision with a GradScaler of scale 2^16, as step() uses it.
+    from lightning import Fabric
+    from lightning.fabric.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=10**6)
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    trainer, _ = toy_trainer({}, [3.0, 5.0], fabric=fabric, module=_Fp16Matmul())
+    _, batch = next(trainer.batches())
+
+    # Execute
+    grads = trainer.gradients(batch, record=False)
+
+    # Assert: the true gradient 1e-8 * (3 + 5) for both entries (fp16 keeps ~3 digits); unscaled, it was 0.
+    torch.testing.assert_close(grads[HEAD], torch.full((2,), 8e-8), rtol=2e-3, atol=0)
+    assert scaler.get_scale() == 2.0**16
+
+
+def test_gradients_skip_and_lower_the_scale_when_the_scaled_loss_overflows():
+    from lightning import Fabric
+    from lightning.fabric.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, growth_interval=10**6)  # 2^40 * 1e-8 > fp16's 65504
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    trainer, _ = toy_trainer({}, [3.0, 5.0], fabric=fabric, module=_Fp16Matmul())
+    _, batch = next(trainer.batches())
+
+    grads = trainer.gradients(batch, record=False)
+
+    assert torch.equal(grads[HEAD], torch.zeros(2)) and scaler.get_scale() == 2.0**39

@@ -37,6 +37,9 @@ COMMANDS: dict[str, tuple[str, list[list[str]]]] = {
     "quickstart": ("`make quickstart` (`python -m fedhb.quickstart`): IU X-ray reports, EPFL then FedAvg",
                    [[PY, "-m", "fedhb.quickstart", "--config", str(ROOT / "configs" / "quickstart_iu_xray_epfl.yaml"),
                      "--out_dir", "runs/quickstart_iu_xray"]]),
+    "quickstart-padchest": ("`make quickstart-padchest` (`python -m fedhb.quickstart_padchest`): PadChest text + "
+                            "tabular, FedAvg, EPFL, Local", [[PY, "-m", "fedhb.quickstart_padchest", "--out_dir",
+                                                               "runs/quickstart_padchest"]]),
     "demo": ("image demo: `python -m fedhb.data.fixtures --root data/fixture` and "
              "`fedhb fit --config configs/quickstart_organamnist.yaml`",
              [[PY, "-m", "fedhb.data.fixtures", "--root", "data/fixture"],

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,10 +91,14 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=CONFIG, help="the EPFL config (default: %(default)s)")
-    parser.add_argument("--out_dir", type=Path, default=Path("runs/quickstart_iu_xray"), help="where the runs go")
+def quickstart_main(argv: list[str] | None, *, doc: str | None, config: Path, config_help: str, out_dir: Path,
+                    run: Callable[[Path, Path], dict[str, Any]], table: Callable[[dict[str, Any]], str],
+                    headline: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """The command line every quickstart shares: ``--config`` and ``--out_dir``, the runs, ``quickstart.json`` and
+    the printed table."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=config, help=f"{config_help} (default: %(default)s)")
+    parser.add_argument("--out_dir", type=Path, default=out_dir, help="where the runs go")
     args = parser.parse_args(argv)
     if not args.config.is_file():
         raise SystemExit(f"fedhb quickstart: {args.config} not found; run it from a checkout of the fedhb repository "
@@ -101,11 +106,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     result = run(args.config, args.out_dir)
     write_json(args.out_dir / "quickstart.json", result)
-    print(f"\nfedhb quickstart: MiniLM + LoRA on {result['num_samples']} IU X-ray reports (normal vs abnormal), "
-          f"{result['clients']} clients, Dirichlet label skew; total {result['total_time_s']:.0f} s\n")
-    print(format_table(result))
+    print(f"\n{headline(result)}; total {result['total_time_s']:.0f} s\n")
+    print(table(result))
     print(f"\nruns and quickstart.json in {args.out_dir}/")
     return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return quickstart_main(
+        argv, doc=__doc__, config=CONFIG, config_help="the EPFL config", out_dir=Path("runs/quickstart_iu_xray"),
+        run=run, table=format_table,
+        headline=lambda r: (f"fedhb quickstart: MiniLM + LoRA on {r['num_samples']} IU X-ray reports (normal vs "
+                            f"abnormal), {r['clients']} clients, Dirichlet label skew"))
 
 
 if __name__ == "__main__":

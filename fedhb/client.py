@@ -98,12 +98,11 @@ class ClientModule(L.LightningModule):
         return self.fusion(features, present)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        return self.head(self.features(batch))
+        return self.task.forward(self, batch)[0]
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int = 0) -> dict[str, Tensor]:
-        features = self.features(batch)
-        logits = self.head(features)
-        return {"loss": self.task.loss(logits, batch["labels"]), "logits": logits, "features": features}
+        logits, features = self.task.forward(self, batch)
+        return {"loss": self.task.loss(logits, self.task.targets(batch)), "logits": logits, "features": features}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int = 0) -> Tensor:
         return self(batch)

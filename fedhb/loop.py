@@ -412,7 +412,7 @@ class FederatedLoop:
             batch = {k: self.fabric.to_device(v[rows]) for k, v in self.tensors.items()}
             with self.fabric.autocast():  # --fabric.precision: Fabric applies it to forward() only
                 outputs.append(self.module.validation_step(batch).float().cpu())
-            targets.append(batch["labels"].cpu())
+            targets.append(self.task.targets(batch).cpu())
         if not outputs:
             last = list(self.client_module.head.modules())[-1]
             return torch.zeros(0, int(getattr(last, "out_features", 0))), self.tensors["labels"][:0]

@@ -8,7 +8,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-Task = Literal["multi-class", "multi-label", "binary"]
+#: What the samples are for: classification kinds, or another task of :data:`fedhb.tasks.TASKS`.
+Task = Literal["multi-class", "multi-label", "binary", "retrieval", "segmentation", "vqa"]
 Modality = Literal["image", "text", "signal", "audio", "tabular", "multimodal"]
 #: The modalities an encoder exists for (``multimodal`` is a combination of them).
 MODALITIES = ("image", "text", "signal", "audio", "tabular")

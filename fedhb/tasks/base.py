@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
+    from fedhb.data.base import Samples
     from fedhb.record import Field
 
 
@@ -25,6 +26,11 @@ class Task:
     #: The round metrics this task adds to ``metrics.jsonl`` (keys, TensorBoard tags, report columns).
     fields: tuple[Field, ...] = ()
 
+    @classmethod
+    def from_samples(cls, samples: Samples) -> Task:
+        """The task ``samples`` declare (``Samples.task``), sized from them (classes, labels, regions, ...)."""
+        raise NotImplementedError
+
     @property
     def width(self) -> int:
         """Length of a client's score vector."""
@@ -33,6 +39,18 @@ class Task:
     def head(self, in_features: int, dropout: float) -> nn.Module:
         """The trainable head on the fused features."""
         raise NotImplementedError
+
+    def forward(self, module: Any, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The head's output on a batch and the representation it was computed from (what MOON-style methods
+        contrast), from a :class:`~fedhb.client.ClientModule`: by default the head on the fused features. A task
+        whose output is not "head of fused features" (retrieval's per-modality embeddings, a segmentation map)
+        overrides this; training, evaluation and every algorithm go through it."""
+        features = module.features(batch)
+        return module.head(features), features
+
+    def targets(self, batch: dict[str, Tensor]) -> Tensor:
+        """What :meth:`loss`, :meth:`score` and :meth:`global_stats` compare the output with (``labels``)."""
+        return batch["labels"]
 
     def loss(self, output: Tensor, targets: Tensor) -> Tensor:
         raise NotImplementedError

@@ -11,6 +11,8 @@ from fedhb.tasks.base import Task
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
+    from fedhb.data.base import Samples
+
 KINDS = ("multi-class", "binary", "multi-label")
 
 
@@ -33,6 +35,10 @@ class Classification(Task):
         if kind not in KINDS:
             raise ValueError(f"unknown classification task {kind!r}; expected one of {KINDS}")
         self.kind, self.num_classes = kind, num_classes
+
+    @classmethod
+    def from_samples(cls, samples: Samples) -> Classification:
+        return cls(samples.task, samples.num_classes)
 
     @property
     def fields(self) -> tuple[Field, ...]:  # type: ignore[override]
@@ -90,10 +96,3 @@ def _nanmean(values: list[float]) -> float:
 
     finite = [v for v in values if not math.isnan(v)]
     return float(np.mean(finite)) if finite else math.nan
-
-
-def build_task(kind: str, num_classes: int) -> Task:
-    """The task a dataset declares (``Samples.task``)."""
-    if kind in KINDS:
-        return Classification(kind, num_classes)
-    raise ValueError(f"no task for {kind!r} yet; known: {', '.join(KINDS)}")

@@ -41,9 +41,14 @@ def build_module(model: ModelArgs, samples: Samples, optim: OptimArgs, seed: int
     from fedhb.tasks import build_task
 
     torch.manual_seed(seed)
+    task = build_task(samples)
+    own = task.build_encoders(model, samples)
+    if own is not None:  # the task's own model (one encoder: no fusion step)
+        fusion = None if len(own) == 1 else build_fusion(model, own, multimodal=samples.modality == "multimodal")
+        return ClientModule(own, task, optim, model.head_dropout, fusion)
     encoders = build_encoders(model, samples)
     fusion = build_fusion(model, encoders, multimodal=samples.modality == "multimodal")
-    return ClientModule(encoders, build_task(samples), optim, model.head_dropout, fusion)
+    return ClientModule(encoders, task, optim, model.head_dropout, fusion)
 
 
 def build_loop(fabric: Fabric, samples: Samples, splits: list[ClientSplit], algorithm: Algorithm, *,

@@ -40,6 +40,13 @@ class Task:
         """The trainable head on the fused features."""
         raise NotImplementedError
 
+    def build_encoders(self, model: Any, samples: Samples) -> dict[str, Any] | None:
+        """The client model's encoders for this task, from ``--model`` options (:class:`~fedhb.config.ModelArgs`)
+        and the samples; ``None`` (the default): one per modality, as :func:`fedhb.models.build_encoders` builds
+        them. A task whose model is not "an encoder per modality" (a segmentation network over four MRI sequences,
+        BLIP over an image and a question) returns its own (one encoder: no fusion step)."""
+        return None
+
     def forward(self, module: Any, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """The head's output on a batch and the representation it was computed from (what MOON-style methods
         contrast), from a :class:`~fedhb.client.ClientModule`: by default the head on the fused features. A task

@@ -67,10 +67,33 @@ def build_loop(fabric: Fabric, samples: Samples, splits: list[ClientSplit], algo
     if init is not None:
         init(module)
     tensors = module.prepare(samples)
-    if fabric.device.type == "cuda":
-        tensors = {k: v.pin_memory() for k, v in tensors.items()}
+    if fabric.device.type == "cuda":  # page-locked host copies of what lives in RAM; never of an on-disk cache
+        mapped = file_mappings()
+        tensors = {k: v if _in_mappings(v, mapped) else v.pin_memory() for k, v in tensors.items()}
     # Fabric's wrappers forward every attribute of what they wrap, so the loop types them as what they wrap.
     wrapped: Any = fabric.setup_module(module)
     optimizer: Any = fabric.setup_optimizers(module.configure_optimizers())
     return FederatedLoop(fabric, wrapped, optimizer, algorithm, tensors, training_splits(algorithm, splits),
                          federation, optim, seed)
+
+
+def file_mappings() -> list[tuple[int, int]]:
+    """The address ranges of this process's file-backed memory maps (Linux ``/proc/self/maps``; ``[]`` elsewhere)."""
+    try:
+        lines = open("/proc/self/maps").read().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 6 and parts[5].startswith("/"):  # a path: a mapped file (not the heap, stack, anonymous)
+            lo, hi = parts[0].split("-")
+            ranges.append((int(lo, 16), int(hi, 16)))
+    return ranges
+
+
+def _in_mappings(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
+    """Whether ``tensor``'s memory is a memory-mapped file (an image or volume cache read lazily from disk): pinning
+    it would copy the whole cache into page-locked RAM."""
+    ptr = tensor.data_ptr()
+    return any(lo <= ptr < hi for lo, hi in ranges)

@@ -13,6 +13,7 @@ import inspect
 import os
 import re
 import sys
+import textwrap
 import warnings
 from typing import Any
 
@@ -21,13 +22,36 @@ from fedhb.registry import PLUGINS, init_options, known_plugins, plugin_class
 # Attribute docstrings of the option dataclasses become --help text.
 os.environ.setdefault("JSONARGPARSE_DOCSTRING_PARSE_ATTRIBUTE_DOCSTRINGS", "true")
 
-def _commands() -> dict[str, Any]:
-    import fedhb.algorithms  # noqa: F401 - registers the algorithms as known subclasses
-    import fedhb.data  # noqa: F401 - registers the datasets
+def _commands(help_only: bool = False) -> dict[str, Any]:
+    """The commands; with ``help_only`` (``--help``) the algorithms stay unimported: they need torch, ``--help`` not."""
+    import fedhb.algorithms
+    import fedhb.data  # noqa: F401 - registers the datasets (no torch)
     from fedhb.fit import fit
     from fedhb.report import report
 
+    if not help_only:
+        fedhb.algorithms.load_all()  # jsonargparse finds ``--algorithm NAME`` among the imported subclasses
     return {"fit": fit, "report": report}
+
+
+def _help_only(args: list[str]) -> bool:
+    """Whether the command line is only ``[fit|report] --help``: with any other option (``--algorithm EPFL``, a
+    ``--config``, ``--algorithm.help NAME``) jsonargparse resolves plug-in names, which needs them imported."""
+    return any(a in ("-h", "--help") for a in args) and all(a in ("-h", "--help", "fit", "report") for a in args)
+
+
+def _plugin_names() -> str:
+    """The names ``--algorithm`` and ``--data`` accept, for the end of ``fedhb fit --help`` (imports no algorithm)."""
+    import fedhb.algorithms
+    from fedhb.registry import known_plugins
+
+    def listing(names: list[str]) -> str:
+        return textwrap.fill(", ".join(names), width=100, initial_indent="  ", subsequent_indent="  ")
+
+    return (f"algorithms (--algorithm NAME; `fedhb fit --algorithm.help NAME` shows its options):\n"
+            f"{listing(fedhb.algorithms.names())}\n"
+            f"datasets (--data NAME; `fedhb fit --data.help NAME` shows its options):\n"
+            f"{listing(known_plugins('data'))}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,14 +60,19 @@ def main(argv: list[str] | None = None) -> None:
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     args = list(sys.argv[1:] if argv is None else argv)
+    help_only = _help_only(args)
     try:
         from fedhb.report import runs_as_options
 
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             # exit_on_error=False: jsonargparse raises instead of printing its usage block; fedhb words the error.
-            CLI(_commands(), args=runs_as_options(args), as_positional=False, exit_on_error=False,
+            CLI(_commands(help_only), args=runs_as_options(args), as_positional=False, exit_on_error=False,
                 description="fedhb: federated learning benchmarks for healthcare on Lightning Fabric.")
+    except SystemExit as done:  # --help printed: name the plug-ins (jsonargparse lists only the imported ones)
+        if help_only and not done.code and args and args[0] == "fit":
+            print(f"\n{_plugin_names()}")
+        raise
     except ArgumentError as err:
         command = args[0] if args and args[0] in ("fit", "report") else None
         print(f"fedhb: error: {parse_error_message(str(err), args)}", file=sys.stderr)

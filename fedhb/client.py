@@ -49,6 +49,8 @@ class ClientModule(L.LightningModule):
             fusion = Single(modality, encoder.hidden_size)
         self.fusion = fusion
         self.head = task.head(fusion.out_features, head_dropout)  # named "head": see fedhb.algorithms._ops.is_head
+        if not task.uses_fusion:
+            self.fusion.requires_grad_(False)
         self.task = task
         self.optim = optim
         self.adapters = RankedAdapters(self)
@@ -83,19 +85,26 @@ class ClientModule(L.LightningModule):
                 tensors.update({f"{m}/{k}": v for k, v in own.items()})
                 tensors[f"{m}/{PRESENT}"] = torch.from_numpy(samples.presence(m).copy())
         tensors["labels"] = torch.from_numpy(samples.labels)
+        tensors.update(self.task.tensors(samples))
         return tensors
 
     # -- model ---------------------------------------------------------------------------------------------------
     def features(self, batch: dict[str, Tensor]) -> Tensor:
+        features, present = self.encode(batch)
+        return self.fusion(features, present) if self.multimodal else self.fusion(features)
+
+    def encode(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Each encoder's features by modality and, for a multimodal batch, which rows hold each modality (``{}``
+        otherwise): what the fusion step combines, or a task that uses the modalities apart (retrieval)."""
         if not self.multimodal:
-            return self.fusion({m: encoder(batch) for m, encoder in self.encoders.items()})
+            return {m: encoder(batch) for m, encoder in self.encoders.items()}, {}
         features, present = {}, {}
         for m, encoder in self.encoders.items():
             mask = batch[f"{m}/{PRESENT}"].bool()
             own = {k[len(m) + 1:]: v for k, v in batch.items() if k.startswith(m + "/") and k != f"{m}/{PRESENT}"}
             features[m] = _encode_present(cast(Encoder, encoder), own, mask)
             present[m] = mask
-        return self.fusion(features, present)
+        return features, present
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         return self.task.forward(self, batch)[0]
@@ -142,7 +151,9 @@ class ClientModule(L.LightningModule):
         if unknown:
             raise KeyError(f"state has tensors the model does not: {unknown[:5]}")
         for name, value in state.items():
-            params[name].copy_(value)
+            # Non-blocking: from the page-locked client states of a CUDA run (fedhb.loop.host_copy) the copies queue
+            # on the stream instead of each waiting for the device; on CPU a plain copy.
+            params[name].copy_(value, non_blocking=True)
 
     def load_state(self, state: State, names: list[str] | None = None) -> None:
         """Load a client's (or the global) state: its model tensors (``names``, default: every key the module has)

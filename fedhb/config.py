@@ -14,7 +14,8 @@ from typing import Literal
 #: ``data.init_args.root``); a name covers its sub-options (``checkpoint`` covers ``checkpoint.every``). Precision
 #: is not among them: bf16 and fp32 runs differ in their numbers.
 RESULT_NEUTRAL = ("out_dir", "overwrite", "resume", "data.root", "data.download", "fabric.accelerator",
-                  "fabric.devices", "fabric.num_nodes", "fabric.strategy", "checkpoint", "federation.eval_batch_size")
+                  "fabric.devices", "fabric.num_nodes", "fabric.strategy", "checkpoint", "federation.eval_batch_size",
+                  "federation.client_batch", "data.cache", "data.cache_dir")
 
 
 def is_result_neutral(key: str) -> bool:
@@ -168,6 +169,11 @@ class FederationArgs:
     with an error."""
     max_loss: float = 1.0e6
     """A client whose mean local loss exceeds this (or is NaN/Inf) has diverged: its update is excluded."""
+    client_batch: int = 1
+    """Clients of a process that take their local steps together, in one forward and backward pass over their
+    stacked batches, each sample through its own client's LoRA factors and head (:mod:`fedhb.batched`); 1 trains one
+    client at a time. Algorithms whose local update cannot share a pass (and fp16 loss scaling, multimodal models)
+    train one at a time whatever this says. The numbers are those of ``1`` (up to float rounding, without dropout)."""
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "federation.rounds", self.rounds, ">= 1")
@@ -175,6 +181,7 @@ class FederationArgs:
         _check(self.min_clients >= 1, "federation.min_clients", self.min_clients, ">= 1")
         _check(self.round_retries >= 0, "federation.round_retries", self.round_retries, ">= 0")
         _check(self.max_loss > 0, "federation.max_loss", self.max_loss, "> 0")
+        _check(self.client_batch >= 1, "federation.client_batch", self.client_batch, ">= 1")
         _check(0 < self.fraction <= 1, "federation.fraction", self.fraction, "in (0, 1]")
         _check(self.local_epochs >= 1, "federation.local_epochs", self.local_epochs, ">= 1")
         _check(self.batch_size >= 1, "federation.batch_size", self.batch_size, ">= 1")

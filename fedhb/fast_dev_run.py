@@ -38,6 +38,14 @@ def dev_partition(partition: PartitionArgs) -> PartitionArgs:
 def dev_model(model: ModelArgs, samples: Samples) -> ModelArgs:
     """Every backbone replaced by its family's tiny preset (a preset of the same model class, so the configured LoRA
     targets exist in it)."""
+    if samples.task == "vqa":  # one BLIP over image and question (fedhb.models.blip)
+        from fedhb.models.blip import TINY_BLIP
+
+        return dataclasses.replace(model, backbone=TINY_BLIP)
+    if samples.task == "segmentation":  # one MONAI network over the four MRI sequences (fedhb.models.segmentation)
+        from fedhb.models.segmentation import tiny_segmentation_preset
+
+        return dataclasses.replace(model, backbone=tiny_segmentation_preset(model.backbone))
     if samples.modality != "multimodal":
         return dataclasses.replace(model, backbone=tiny_preset(samples.modality, model.backbone))
     given = model.backbones or {}

@@ -46,7 +46,7 @@ from fedhb.data.partition import (
 )
 from fedhb.io import append_jsonl, json_line, write_atomic, write_json
 from fedhb.paths import check_out_dir
-from fedhb.record import tensorboard_scalars
+from fedhb.record import task_columns, tensorboard_scalars
 from fedhb.signals import Interrupted, StopRequest
 
 
@@ -158,7 +158,8 @@ def fit(
 
     Args:
         data: The dataset (``class_path`` one of ``fedhb.data``'s classes, e.g. ``MedMNIST``).
-        algorithm: The federated algorithm (``FedAvg``, ``EPFL``, ``Local``, ...); default FedAvg.
+        algorithm: The federated algorithm (``FedAvg``, ``EPFL``, ``Local``, ...; the end of ``fedhb fit --help`` names
+            them all); default FedAvg.
         out_dir: Run folder: ``config.yaml``, ``partition.json``, ``metrics.jsonl``, ``summary.json``, ``logs/``.
         seed: Seed of the partition, the initial model and every client's local training.
         partition: How samples are split over clients.
@@ -301,6 +302,7 @@ class _Run:
         state["partition"] = {str(c): {k: torch.from_numpy(getattr(s, k).copy()) for k in ("train", "val", "test")}
                               for c, s in enumerate(splits)}
         state["bytes_up_by_modality"] = dict(self._bytes_up)
+        state["bytes_down_by_modality"] = dict(self._bytes_down)
         save_checkpoint(fabric, self.out, loop.round, state, self.checkpoint.keep)
 
     def __call__(self, fabric: Any) -> dict[str, Any] | None:
@@ -350,7 +352,10 @@ class _Run:
 
         last_save = time.perf_counter()
         self._bytes_up = dict(resumed.get("bytes_up_by_modality", {})) if resumed is not None else {}
+        self._bytes_down = dict(resumed.get("bytes_down_by_modality", {})) if resumed is not None else {}
         upload_parts = {c: upload_by_modality(layout) for c, layout in loop.upload_layouts.items()}
+        if samples.modality == "multimodal":  # the rounds' metrics by modality set use the partition's view
+            loop.modality_sets = {str(c): client_modalities(samples, s) for c, s in enumerate(splits)}
 
         def on_round(result: Any) -> None:
             nonlocal last_save
@@ -358,6 +363,8 @@ class _Run:
                 if c not in result.dropped and c not in result.failed:
                     for part, size in upload_parts[c].items():
                         self._bytes_up[part] = self._bytes_up.get(part, 0) + size
+            for part, size in result.bytes_down_by_modality.items():
+                self._bytes_down[part] = self._bytes_down.get(part, 0) + size
             if rank0 and result.metrics is not None:
                 log(result)
             every, minutes = self.checkpoint.every, self.checkpoint.minutes
@@ -396,10 +403,14 @@ class _Run:
             "world_size": fabric.world_size,
             "seed": self.seed,
             "final": history[-1] if history else None,
+            "task_columns": task_columns(loop.task.fields),
             "bytes_up_by_modality": dict(self._bytes_up),
+            "bytes_down_by_modality": dict(self._bytes_down),
             "state_bytes_by_modality": upload_by_modality([(k, v.shape, v.dtype) for k, v in
                                                            loop.client_module.trainable().items()]),
         }
+        if len(loop.public):  # server-held public data (CreamFL), out of the clients' training splits
+            summary["public_samples"] = len(loop.public)
         if samples.modality == "multimodal":
             summary.update(modality_summary(samples, splits, self.model, summary["final"]))
         if trained is not self.algorithm:
@@ -448,22 +459,10 @@ def modality_summary(samples: Samples, splits: list[ClientSplit], model: ModelAr
                      final: dict[str, Any] | None) -> dict[str, Any]:
     """``summary.json``'s multimodal part: the backbones, the modalities each client holds, and the final per-client
     scores averaged over the clients that hold the same modalities."""
-    from fedhb.record import PER_CLIENT
+    from fedhb.record import PER_CLIENT, modality_groups
 
     held = {str(c): client_modalities(samples, s) for c, s in enumerate(splits)}
-    per_client = (final or {}).get(PER_CLIENT) or {}
-    by_set: dict[str, dict[str, Any]] = {}
-    for c, modalities in held.items():
-        entry = by_set.setdefault("+".join(modalities), {"clients": [], PER_CLIENT: []})
-        entry["clients"].append(int(c))
-        value = per_client.get(c)
-        if isinstance(value, (int, float)) and not np.isnan(value):
-            entry[PER_CLIENT].append(float(value))
-    groups = {}
-    for name, entry in by_set.items():
-        values = entry.pop(PER_CLIENT)
-        groups[name] = {**entry, f"mean_{PER_CLIENT}": float(np.mean(values)) if values else None,
-                        f"worst_{PER_CLIENT}": float(np.min(values)) if values else None}
+    groups = modality_groups(held, (final or {}).get(PER_CLIENT) or {})
     from fedhb.models import backbone_for
 
     backbones = {m: backbone_for(model, m, samples.modalities) for m in samples.modalities}

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,12 +34,14 @@ from fedhb import seeds
 from fedhb.algorithms._ops import State, state_bytes
 from fedhb.algorithms.base import Aggregate, Algorithm
 from fedhb.algorithms.trainer import Diverged, LocalTrainer
+from fedhb.batched import ClientBatcher
 from fedhb.client import ClientModule, lr_at
 from fedhb.collectives import Collectives, Layout, layout_of
 from fedhb.config import FederationArgs, OptimArgs
 from fedhb.data.partition import ClientSplit
-from fedhb.models.lora import BaseMerge
-from fedhb.record import round_record
+from fedhb.mapped import gather
+from fedhb.models.lora import RANK_KEY, BaseMerge
+from fedhb.record import PER_CLIENT, modality_groups, round_record
 from fedhb.seeds import client_seed
 
 if TYPE_CHECKING:
@@ -68,6 +70,64 @@ def assign_clients(sizes: list[int], world_size: int) -> list[int]:
         owner[c] = r
         load[r] += max(1, sizes[c])
     return owner
+
+
+def hold_out_public(splits: list[ClientSplit], fraction: float, seed: int) -> tuple[np.ndarray, list[ClientSplit]]:
+    """Public data the server holds (an algorithm's ``public_fraction``: CreamFL): ``round(fraction * n)`` samples of
+    each client's training split of ``n``, drawn from ``[seed, 909, client]`` (at least one left to train on), sorted,
+    and the splits without them; validation and test splits are untouched. ``fraction`` 0: none, the splits as given."""
+    if fraction <= 0:
+        return np.zeros(0, dtype=np.int64), splits
+    public, kept = [], []
+    for c, s in enumerate(splits):
+        k = min(int(round(fraction * len(s.train))), max(0, len(s.train) - 1))
+        taken = seeds.rng(seed, seeds.Stream.PUBLIC, c).choice(len(s.train), size=k, replace=False)
+        mask = np.zeros(len(s.train), dtype=bool)
+        mask[taken] = True
+        public.append(s.train[mask])
+        kept.append(ClientSplit(s.train[~mask], s.val, s.test))
+    return np.sort(np.concatenate(public)).astype(np.int64), kept
+
+
+def tensor_parts(state: Mapping[str, Tensor]) -> dict[str, int]:
+    """Bytes of ``state`` by part of the model (:func:`fedhb.models.bytes_by_modality`)."""
+    from fedhb.models import bytes_by_modality
+
+    return bytes_by_modality({k: (v.numel(), v.element_size()) for k, v in state.items()})
+
+
+def add_parts(parts: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    """The sum of byte counts by part, keys in order of first appearance."""
+    out: dict[str, int] = {}
+    for p in parts:
+        for k, v in p.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def split_bytes(total: int, parts: Mapping[str, int]) -> dict[str, int]:
+    """``total`` bytes split over ``parts`` in proportion to their sizes, in whole bytes that sum to ``total`` (the
+    largest remainders round up): exact when ``total`` is a multiple of what ``parts`` counts. What an algorithm
+    sends in a smaller wire form (``Aggregate.bytes_down``: HetLoRA's truncated ranks, FLoRA's stacked factors) it
+    reports as one number, so its parts are estimated this way."""
+    size = sum(parts.values())
+    if total <= 0:
+        return {}
+    if size <= 0:
+        return {"other": total}
+    exact = {k: total * v / size for k, v in parts.items()}
+    out = {k: int(x) for k, x in exact.items()}
+    for k in sorted(exact, key=lambda k: out[k] - exact[k])[:total - sum(out.values())]:
+        out[k] += 1
+    return {k: v for k, v in out.items() if v}
+
+
+def download_parts(result: Aggregate) -> dict[str, int]:
+    """The bytes the clients of one aggregation download, by part of the model: what each receives or, where the
+    algorithm sends a smaller wire form (``bytes_down``), that size split over the parts of what it receives."""
+    if result.bytes_down is None:
+        return add_parts(tensor_parts(s) for s in result.received.values())
+    return add_parts(split_bytes(result.bytes_down[c], tensor_parts(s)) for c, s in result.received.items())
 
 
 def host_copy(tensors: Mapping[str, Tensor], pin: bool) -> State:
@@ -129,6 +189,9 @@ class RoundResult:
     failed: dict[int, str] = field(default_factory=dict)
     dropped: list[int] = field(default_factory=list)
     metrics: dict[str, Any] | None = None
+    #: ``bytes_up`` and ``bytes_down`` by part of the model (:func:`fedhb.models.bytes_by_modality`).
+    bytes_up_by_modality: dict[str, int] = field(default_factory=dict)
+    bytes_down_by_modality: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -173,6 +236,11 @@ class FederatedLoop:
                  tensors: dict[str, Tensor], splits: list[ClientSplit], federation: FederationArgs, optim: OptimArgs,
                  seed: int) -> None:
         self.fabric, self.module, self.optimizer, self.algorithm = fabric, module, optimizer, algorithm
+        # Server-held public data (CreamFL's public_fraction): out of the clients' training splits before anything
+        # reads them, so that no sample is both public and a client's.
+        self.public, splits = hold_out_public(splits, float(getattr(algorithm, "public_fraction", 0.0) or 0.0), seed)
+        if len(self.public):
+            algorithm.public_index = self.public  # type: ignore[attr-defined]
         self.tensors, self.splits, self.args, self.optim, self.seed = tensors, splits, federation, optim, seed
         self.task = self.client_module.task
         self.num_clients = len(splits)
@@ -181,6 +249,7 @@ class FederatedLoop:
         self.mine = [c for c in range(self.num_clients) if self.owner[c] == fabric.global_rank]
         self.comm = Collectives(fabric, self.owner)
         self.backbone = BaseMerge(self.client_module)
+        self.batcher = ClientBatcher(self)  # --federation.client_batch
         initial = self.client_module.get_state()
         self.model_names = list(initial)
         algorithm.setup(self.model_names, initial, self.num_clients)
@@ -209,6 +278,9 @@ class FederatedLoop:
         self.bytes_total = 0
         # Failed or dropped clients since the last evaluated round; reported in the next metrics record.
         self.pending_failures: list[dict[str, Any]] = []
+        # A multimodal run's {client id: the modalities its data holds}: its rounds record metrics by modality set
+        # (fedhb fit sets it from the partition, so that it matches summary.json's client_modalities).
+        self.modality_sets: dict[str, list[str]] = self.held_modalities() if self.client_module.multimodal else {}
 
     @property
     def client_module(self) -> ClientModule:
@@ -251,6 +323,7 @@ class FederatedLoop:
         out = _Trained()
         glob = self.algorithm.global_state()
         fhbench = self.args.eval_protocol == "fhbench"
+        mine = []
         for cid in plan.reporting:
             stale = glob is not None and self.synced[cid] < self.last_aggregation
             if stale and glob is not None:  # counted on every rank: deterministic
@@ -259,15 +332,25 @@ class FederatedLoop:
                 continue
             if stale and glob is not None:
                 store(self.states[cid], glob, self.pin_states)
+            mine.append(cid)
+        # --federation.client_batch K: up to K clients take their local steps in one pass (fedhb.batched).
+        for group in self.batcher.groups(mine):
             t = time.perf_counter()
-            status = out.status[cid] = self.train_client(cid, rnd)
-            if fhbench and status.failure is None:
-                out.early[cid] = self._fhbench_row(cid)
+            shared = self.batcher.train(group, rnd)  # None: one at a time
+            for cid in group:
+                status = self.train_client(cid, rnd) if shared is None else ClientStatus(*shared[cid])
+                out.status[cid] = status
+                if fhbench and status.failure is None:
+                    if shared is not None:  # train_client leaves the model scored right after training loaded
+                        self.load(self.algorithm.personalized_model(self.states[cid]))
+                    out.early[cid] = self._fhbench_row(cid)
             out.compute_s += time.perf_counter() - t
-            if status.failure is None:
-                out.uploads[cid] = self.algorithm.upload(self.states[cid])
-            else:
-                out.uploads[cid] = {k: torch.zeros(shape, dtype=dtype) for k, shape, dtype in self.upload_layouts[cid]}
+            for cid in group:
+                if out.status[cid].failure is None:
+                    out.uploads[cid] = self.algorithm.upload(self.states[cid])
+                else:
+                    out.uploads[cid] = {k: torch.zeros(shape, dtype=dtype)
+                                        for k, shape, dtype in self.upload_layouts[cid]}
         return out
 
     def train_client(self, cid: int, rnd: int) -> ClientStatus:
@@ -379,11 +462,16 @@ class FederatedLoop:
         start = time.perf_counter()
         plan = self.select(rnd)
         trained = self.train(rnd, plan)
+        # Catch-up downloads are of the global state the clients trained from (still the algorithm's until aggregate).
+        sync_parts = (split_bytes(trained.sync_bytes, tensor_parts(self.algorithm.global_state() or {}))
+                      if trained.sync_bytes else {})
         status, failed, uploads = self.gather(rnd, plan, trained)
         bytes_up = sum(state_bytes(u) for u in uploads.values())
+        up_parts = add_parts(tensor_parts(u) for u in uploads.values())
         del trained.uploads
         result = self.aggregate(rnd, uploads)
         del uploads
+        down_parts = add_parts([download_parts(result), sync_parts])
         bytes_down = self.apply(rnd, result) + trained.sync_bytes
         self.bytes_total += bytes_up + bytes_down
         # Clients without training samples (Centralized pools all data on one) did not train: no loss to average.
@@ -391,7 +479,7 @@ class FederatedLoop:
         train_loss = (float(np.average([status[c].loss for c in losses], weights=[self.num_train[c] for c in losses]))
                       if losses else math.nan)
         out = RoundResult(rnd, plan.selected, train_loss, bytes_up, bytes_down, 0.0, trained.compute_s, failed,
-                          sorted(plan.dropped))
+                          sorted(plan.dropped), bytes_up_by_modality=up_parts, bytes_down_by_modality=down_parts)
         compute = trained.compute_s
         if rnd % self.args.eval_every == 0 or rnd == self.args.rounds:
             t = time.perf_counter()
@@ -409,7 +497,7 @@ class FederatedLoop:
         outputs, targets = [], []
         for start in range(0, len(index), self.args.eval_batch_size):
             rows = torch.from_numpy(index[start:start + self.args.eval_batch_size])
-            batch = {k: self.fabric.to_device(v[rows]) for k, v in self.tensors.items()}
+            batch = gather(self.fabric, self.tensors, rows)
             with self.fabric.autocast():  # --fabric.precision: Fabric applies it to forward() only
                 outputs.append(self.module.validation_step(batch).float().cpu())
             targets.append(self.task.targets(batch).cpu())
@@ -432,28 +520,45 @@ class FederatedLoop:
         return self.best_val[cid][1]
 
     def evaluate(self, rnd: int, early: dict[int, Tensor] | None = None) -> dict[str, Any]:
-        """Each client's own model on its own test split and, if there is one, the global model on their union."""
+        """Each client's own model on its own test split and, if there is one, the global model on their union.
+
+        A client whose own model is the global model (FedAvg's, after aggregation) is predicted once for both."""
         rows: dict[int, Tensor] = {}
+        glob = self.algorithm.global_state() if self.algorithm.has_global_model else None
+        predicted: dict[int, tuple[Tensor, Tensor]] = {}  # the global model's outputs, where they were the client's
         for cid in self.mine:
             if early is not None:
                 best = self.best_val.get(cid)
                 rows[cid] = early[cid] if cid in early else (best[1] if best else self.task.empty_score())
                 continue
-            self.load(self.algorithm.personalized_model(self.states[cid]))
-            rows[cid] = self.score_client(cid, "test")
+            model = self.algorithm.personalized_model(self.states[cid])
+            self.load(model)
+            outputs, targets = self.predict(self.splits[cid].test)
+            rows[cid] = self.task.score(outputs, targets)
+            if glob is not None and self._is_global(model, glob):
+                predicted[cid] = (outputs, targets)
         scores = self.comm.rows(list(range(self.num_clients)), rows, self.task.width)
         metrics = self.task.reduce(scores)
-        glob = self.algorithm.global_state() if self.algorithm.has_global_model else None
         stats = None
         if glob is not None:
-            self.load({**self.client_module.get_state(), **glob})
+            if any(cid not in predicted for cid in self.mine):
+                self.load({**self.client_module.get_state(), **glob})
             for cid in self.mine:
-                part = self.task.global_stats(*self.predict(self.splits[cid].test))
+                part = self.task.global_stats(*(predicted.pop(cid) if cid in predicted else
+                                                self.predict(self.splits[cid].test)))
                 stats = part if stats is None else stats + part
             if stats is None:  # this rank holds no client: contribute zeros of the statistic's shape
                 stats = self.task.global_stats(*self.predict(np.zeros(0, dtype=np.int64)))
             stats = self.comm.sum_tensor(stats)
         return {**metrics, **self.task.global_metrics(stats)}
+
+    def _is_global(self, model: State, glob: State) -> bool:
+        """Whether loading ``model`` sets every model tensor exactly as loading the global state ``glob`` does (no
+        per-client LoRA rank in either), so that their predictions are the same."""
+        if RANK_KEY in model or RANK_KEY in glob:
+            return False
+        return all(k in glob and model[k].dtype == glob[k].dtype and model[k].device == glob[k].device
+                   and torch.equal(model[k], glob[k]) for k in self.model_names)
 
     # -- 7. record ------------------------------------------------------------------------------------------------
     def record(self, result: RoundResult) -> dict[str, Any] | None:
@@ -472,10 +577,23 @@ class FederatedLoop:
             "round_time_s": round(result.time_s, 4),
             "clients_trained": len(result.selected) - len(result.failed) - len(result.dropped),
             "failures": self.pending_failures,
-        }, self.task.fields, self.server_metrics)
+        }, self.task.fields, self.server_metrics, {
+            "bytes_up_by_modality": result.bytes_up_by_modality,
+            "bytes_down_by_modality": result.bytes_down_by_modality,
+            "by_modalities": modality_groups(self.modality_sets, result.metrics[PER_CLIENT]),
+        } if self.modality_sets else None)
         self.history.append(record)
         self.pending_failures = []
         return record
+
+    def held_modalities(self) -> dict[str, list[str]]:
+        """``{client id: the modalities present in at least one of its samples}``, in fusion order."""
+        out = {}
+        for c, s in enumerate(self.splits):
+            index = torch.from_numpy(np.concatenate([s.train, s.val, s.test]))
+            out[str(c)] = [m for m in self.client_module.encoders
+                           if bool(self.tensors[f"{m}/present"][index].any())]
+        return out
 
     # -- the run --------------------------------------------------------------------------------------------------
     def run(self, on_round: Callable[[RoundResult], None] | None = None) -> list[dict[str, Any]]:

@@ -31,7 +31,7 @@ import yaml
 
 from fedhb.config import is_result_neutral
 from fedhb.io import read_jsonl, write_atomic
-from fedhb.record import Field, final_keys, report_columns
+from fedhb.record import Field, columns_of, final_keys, report_columns
 
 #: Written by ``benchmarks/fhbench/grid.py`` when a cell fails; its last line is the error.
 GRID_ERROR = "grid_error.txt"
@@ -39,7 +39,8 @@ GRID_ERROR = "grid_error.txt"
 RUN_MARKERS = ("summary.json", "metrics.jsonl", "config.yaml", GRID_ERROR)
 
 
-#: The table's columns: the recorded fields with a report title (:mod:`fedhb.record`), in its report order.
+#: The table's columns for classification runs: the recorded fields with a report title (:mod:`fedhb.record`), in
+#: its report order; a run of another task names its own in ``summary.json`` (``task_columns``).
 METRICS = report_columns()
 Metric = Field
 #: Whole-run values, read from ``summary.json`` rather than its final round.
@@ -188,8 +189,8 @@ def load_run(path: Path) -> Run:
                    config=config, history=history)
     if not summary.get("final"):
         run.status, run.reason = "failed", "summary.json has no evaluated round"
-    elif math.isnan(run.value("personalized_acc")):
-        run.status, run.reason = "failed", "final personalized_acc is not finite (the federation diverged?)"
+    elif math.isnan(run.value(key := report_columns(columns_of(summary))[0].key)):
+        run.status, run.reason = "failed", f"final {key} is not finite (the federation diverged?)"
     return run
 
 
@@ -288,9 +289,13 @@ def _mean_std(values: np.ndarray) -> tuple[float, float]:
 
 
 def columns_for(groups: Sequence[Group]) -> tuple[Metric, ...]:
-    """The table's columns: :data:`METRICS`, then the privacy columns that some run records."""
+    """The table's columns: the runs' tasks' (:data:`METRICS` for classification; several tasks' in the order their
+    runs come), then the privacy columns that some run records."""
+    task: dict[str, Field] = {}
+    for r in (r for g in groups for r in g.runs):
+        task.update({f.key: f for f in columns_of(r.summary) if f.key not in task})
     extra = tuple(m for m in PRIVACY_METRICS if any(not math.isnan(r.value(m.key)) for g in groups for r in g.runs))
-    return METRICS + extra
+    return report_columns(task.values()) + extra
 
 
 def summarize(groups: list[Group], columns: Sequence[Metric] = METRICS) -> list[dict[str, Any]]:
@@ -380,11 +385,11 @@ def markdown(rows: list[dict[str, Any]], groups: list[Group], excluded: list[Run
         lines += ["## Runs not averaged", "", "| run | status | why |", "|---|---|---|"]
         lines += [f"| `{_shown(r.path)}` | {r.status} | {r.reason.replace('|', '/')} |" for r in excluded]
         lines.append("")
-    lines += ["## Runs averaged", "", "| dataset | algorithm | seed | personalized acc (%) | run |",
-              "|---|---|---|---:|---|"]
+    first = columns[0]
+    lines += ["## Runs averaged", "", f"| dataset | algorithm | seed | {first.title} | run |", "|---|---|---|---:|---|"]
     for g in groups:
         for r in g.runs:
-            lines.append(f"| {g.dataset} | {g.name} | {r.seed} | {100 * r.value('personalized_acc'):.2f} | "
+            lines.append(f"| {g.dataset} | {g.name} | {r.seed} | {_cell(first, r.value(first.key), math.nan)} | "
                          f"`{_shown(r.path)}` |")
     return "\n".join(lines) + "\n"
 
@@ -592,7 +597,7 @@ def epsilon_figure(groups: list[Group], metric: str) -> Any | None:
 
 
 # -- the command ----------------------------------------------------------------------------------------------------
-def write_report(runs: Sequence[str | Path], out: str | Path = "report", metric: str = "personalized_acc",
+def write_report(runs: Sequence[str | Path], out: str | Path = "report", metric: str | None = None,
                  overwrite: bool = False) -> Report:
     """Read ``runs`` (run folders or folders holding them) and write the report into ``out``.
 
@@ -620,8 +625,9 @@ def write_report(runs: Sequence[str | Path], out: str | Path = "report", metric:
     if not groups:
         listing = "; ".join(f"{_shown(r.path)}: {r.status}, {r.reason}" for r in excluded[:5])
         raise ValueError(f"fedhb report: none of the {len(loaded)} runs found has finished ({listing})")
-    check_metric(metric, [r for g in groups for r in g.runs])
     columns = columns_for(groups)
+    metric = metric or columns[0].key
+    check_metric(metric, [r for g in groups for r in g.runs])
     rows = summarize(groups, columns)
     out.mkdir(parents=True, exist_ok=True)
     figures: dict[str, list[Path]] = {}
@@ -659,7 +665,7 @@ def check_metric(metric: str, runs: Sequence[Run]) -> None:
     raise ValueError(f"--metric {metric}: no run records it{hint} The runs record: {', '.join(known) or 'nothing'}")
 
 
-def report(runs: list[str], out: str = "report", metric: str = "personalized_acc", overwrite: bool = False) -> None:
+def report(runs: list[str], out: str = "report", metric: str | None = None, overwrite: bool = False) -> None:
     """Compare runs: mean and std over seeds per dataset and algorithm, as a Markdown and CSV table and PNG figures.
 
     ``fedhb report runs/ --out report/`` reads every run folder below ``runs/``. Unfinished and failed runs are listed
@@ -669,8 +675,9 @@ def report(runs: list[str], out: str = "report", metric: str = "personalized_acc
         runs: Run folders, or folders that hold run folders at any depth (given as positional arguments).
         out: Folder for ``report.md``, ``report.csv`` and the figures.
         metric: The metric plotted against round and against bytes communicated (a key of ``metrics.jsonl``:
-            ``personalized_acc``, ``worst_client_acc``, ``global_acc``, ``personalized_f1``, ...); a key no run
-            records is refused.
+            ``personalized_acc``, ``worst_client_acc``, ``global_acc``, ``personalized_f1``, ``personalized_dice``,
+            ...); default: the task's first column (``personalized_acc`` for classification); a key no run records
+            is refused.
         overwrite: Replace an earlier report in ``out``.
     """
     result = write_report(runs, out, metric, overwrite)

@@ -30,6 +30,7 @@ class Stream(IntEnum):
     SECAGG = 606  # a client's secure-aggregation secrets (simulation) [seed, round, client, 606]
     DPSGD = 707  # DP-SGD's Poisson batches and gradient noise       [seed, round, client, 707]
     AUDIT = 808  # the membership-inference audit's reference models [seed, client, shadow, 808]
+    PUBLIC = 909  # the server-held public samples (CreamFL's public_fraction) [seed, 909, client]
 
 
 def rng(seed: int, *key: int) -> np.random.Generator:

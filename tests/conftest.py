@@ -37,6 +37,19 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _image_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The on-disk image cache (fedhb.data.image_cache) of the session's fixtures goes to a temporary folder, not to
+    ~/.cache/fedhb/images."""
+    before = os.environ.get("FEDHB_IMAGE_CACHE")
+    os.environ["FEDHB_IMAGE_CACHE"] = str(tmp_path_factory.mktemp("image_cache"))
+    yield
+    if before is None:
+        os.environ.pop("FEDHB_IMAGE_CACHE", None)
+    else:
+        os.environ["FEDHB_IMAGE_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_data(organamnist_root: str) -> Any:
     """30% of the fixture's samples (stratified), loaded once."""

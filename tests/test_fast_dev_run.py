@@ -16,6 +16,8 @@ from fedhb.fast_dev_run import dev_federation, dev_model, dev_partition, dev_spl
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 TINY = {"tiny-vit", "tiny-bert", "tiny-roberta", "tiny-moment", "tiny-wav2vec2", "tiny-mlp"}
+TINY |= {"tiny-segresnet", "tiny-swinunetr", "tiny-swinunetr-lora"}  # BraTS (fedhb.models.segmentation)
+TINY |= {"tiny-blip"}  # PathVQA, EHRXQA (fedhb.models.blip)
 
 
 def test_backbones_become_the_tiny_preset_of_their_family(tiny_data, multimodal_data):
@@ -60,6 +62,22 @@ def data_overrides(tmp_path_factory: pytest.TempPathFactory, padchest_file: str)
     for variant in ("20k", "200k"):
         write_pubmed_rct_fixture(root / "pubmed_rct", variant=variant)
     iu = write_iu_xray_fixture(root / "NLMCXR_reports.tgz")
+    from fedhb.data.fixtures_brats import write_brats_fixture
+
+    brats = write_brats_fixture(root / "brats", cases=12, size=32)
+    from fedhb.data.fixtures_symile import write_symile_fixture
+
+    symile = write_symile_fixture(root / "symile-mimic")
+    from fedhb.data.fixtures_mimic import write_mimic_cxr_fixture
+
+    mimic = write_mimic_cxr_fixture(root / "mimic-cxr-jpg")
+    from fedhb.data.fixtures_mimic import write_iu_xray_png_fixture
+
+    png = write_iu_xray_png_fixture(root / "NLMCXR_png", studies=200)
+    from fedhb.data.fixtures_vqa import write_ehrxqa_fixture, write_pathvqa_fixture
+
+    pathvqa = write_pathvqa_fixture(root / "pathvqa")
+    ehrxqa, ehrxqa_images = write_ehrxqa_fixture(root / "ehrxqa")
     return {
         "MedMNIST": ["--data.root", str(root / "medmnist"), "--data.download", "false"],
         "PTBXL": ["--data.root", signals["ptbxl"]], "ADFTD": ["--data.root", signals["adftd"]],
@@ -68,6 +86,14 @@ def data_overrides(tmp_path_factory: pytest.TempPathFactory, padchest_file: str)
         "PubMedRCT": ["--data.root", str(root / "pubmed_rct"), "--data.download", "false"],
         "IUXrayReports": ["--data.path", str(iu)],
         "PadChest": ["--data.path", padchest_file],
+        "BraTS": ["--data.root", str(brats), "--data.size", "32", "--data.patch", "32", "--data.cache",
+                  str(root / "brats_cache")],
+        "SymileMIMIC": ["--data.root", str(symile), "--data.image_size", "28"],
+        "MIMICCXR": ["--data.root", str(mimic), "--data.image_size", "28"],
+        "IUXray": ["--data.images", str(png), "--data.image_size", "28", "--data.fraction", "0.05"],
+        "PathVQA": ["--data.root", str(pathvqa)],
+        "EHRXQA": ["--data.root", str(ehrxqa), "--data.images", str(ehrxqa_images), "--data.answer_length", "8",
+                   "--data.cache_dir", str(root / "image_cache")],
     }
 
 

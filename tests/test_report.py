@@ -345,3 +345,32 @@ def test_a_run_copied_to_another_folder_is_a_duplicate_not_a_second_seed(runs, t
     assert dup.status == "duplicate" and dup.path.parent.name == "orig"
     assert "same dataset, algorithm, options and seed (0)" in dup.reason and "copy/fedavg0" in dup.reason
     assert "| duplicate |" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_a_run_of_another_task_is_reported_in_its_own_columns(tmp_path):
+    """A segmentation run names its columns in summary.json (task_columns): the table shows them, its first column
+    is the default metric plotted, and a run whose first column is NaN is the one called diverged."""
+    from fedhb.record import task_columns
+    from fedhb.tasks.segmentation import Segmentation
+
+    for seed, dice in ((0, 0.5), (1, 0.7), (2, None)):
+        folder = tmp_path / "runs" / f"seg{seed}"
+        write_run(folder, "brats", "FedAvg", seed, [0.4, 0.6])
+        records = [{"round": t, "personalized_dice": d, "worst_client_dice": 0.1, "personalized_hd95": 9.0 - t,
+                    "global_dice": None, "global_hd95": None, "bytes_total": 1000 * t}
+                   for t, d in ((1, 0.3), (2, dice))]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        summary = json.loads((folder / "summary.json").read_text())
+        summary.update(final=records[-1], task_columns=task_columns(Segmentation.fields))
+        (folder / "summary.json").write_text(json.dumps(summary))
+
+    result = write_report([str(tmp_path / "runs")], tmp_path / "report")
+
+    [row] = result.rows
+    assert row["runs"] == 2 and row["personalized_dice_mean"] == pytest.approx(0.6)
+    assert row["personalized_hd95_mean"] == pytest.approx(7.0) and "personalized_acc_mean" not in row
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "personalized Dice (%)" in text and "HD95 (mm)" in text and "personalized acc" not in text
+    [failed] = result.excluded
+    assert failed.reason == "final personalized_dice is not finite (the federation diverged?)"
+    assert any("personalized_dice" in p.name for p in result.files)

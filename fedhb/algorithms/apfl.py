@@ -30,7 +30,12 @@ class APFL(FedAvg):
     the round's learning rate. With ``alpha = 0`` and ``adapt_alpha = False`` ``w`` follows FedAvg exactly.
 
     Client state: ``algo/apfl/v/*`` and ``algo/apfl/alpha``.
+
+    Under ``--federation.client_batch`` it trains one client at a time (its local step also trains the personal model it
+    mixes in).
     """
+
+    client_batchable = False
 
     def __init__(self, alpha: float = 0.5, adapt_alpha: bool = True, alpha_lr: float | None = None) -> None:
         """

@@ -53,7 +53,12 @@ class APPLE(Algorithm):
     Client state: ``algo/apple/core/{j}/*`` (the latest core of client ``j``; the client's own slot mirrors its model
     tensors), ``algo/apple/p``, ``algo/apple/p0`` (the proximal target) and ``algo/apple/shares`` (the shares as
     received).
+
+    Under ``--federation.client_batch`` it trains one client at a time (its local step trains a mixture of every
+    client's core).
     """
+
+    client_batchable = False
 
     def __init__(self, mu: float = 0.1, dr_lr: float = 0.001, prox_rounds: float = 0.1,
                  schedule: str = "exponential", momentum: float = 0.9, init: str = "samples") -> None:

@@ -25,11 +25,10 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from torch import Tensor
+if TYPE_CHECKING:  # torch only for type checkers: the CLI imports this module for --help, which needs no torch
+    from torch import Tensor
 
-from fedhb.algorithms._ops import State
-
-if TYPE_CHECKING:
+    from fedhb.algorithms._ops import State
     from fedhb.algorithms.trainer import LocalTrainer
 
 #: Prefix of per-client tensors that belong to the algorithm (SCAFFOLD's control variate, ...), not to the model.
@@ -42,7 +41,7 @@ def algo_key(*parts: str) -> str:
 
 
 @dataclass
-class Aggregate(Mapping[int, State]):
+class Aggregate(Mapping[int, "State"]):
     """What :meth:`Algorithm.aggregate` may return instead of a plain ``{client: state}`` dict, when the server step
     does more than hand tensors back. It reads as the mapping ``received``.
 
@@ -91,6 +90,12 @@ class Algorithm:
     has_global_model: bool = False
     #: Whether client 0 trains on every client's pooled training data (``Centralized``), the others on nothing.
     pools_training_data: bool = False
+    #: Whether ``--federation.client_batch`` may train several clients of this method in one pass
+    #: (:mod:`fedhb.batched`): ``local_update`` makes exactly one ``trainer.fit`` call, whose ``loss`` and
+    #: ``before_step`` closures read only their arguments and the trainer's tensors, and does nothing after it.
+    #: Methods that do more (extra passes, several phases, state updated from the trained model) train one client at a
+    #: time, and say so.
+    client_batchable: bool = False
 
     # -- set-up ----------------------------------------------------------------------------------------------------
     def setup(self, names: list[str], initial: State | None = None, num_clients: int | None = None) -> None:

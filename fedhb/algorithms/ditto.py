@@ -28,7 +28,11 @@ class Ditto(FedAvg):
     global model is then exactly FedAvg's).
 
     Client state: ``algo/ditto/v/*``.
+
+    Under ``--federation.client_batch`` it trains one client at a time (it trains the personal model in a second pass).
     """
+
+    client_batchable = False
 
     def __init__(self, lam: float = 0.1, personal_epochs: int | None = None) -> None:
         """

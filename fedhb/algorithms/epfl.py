@@ -32,6 +32,8 @@ class EPFL(Algorithm):
     code's ``layers_part``.
     """
 
+    client_batchable = True  # plain local SGD: --federation.client_batch trains clients together
+
     def __init__(self, lam: float = 0.5, layers: str = "all", distance: str = "frobenius") -> None:
         """
         Args:

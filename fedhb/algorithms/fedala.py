@@ -39,7 +39,12 @@ class FedALA(FedAvg):
 
     Client state: ``algo/fedala/local/*`` (the local model), ``algo/fedala/weight/*`` (``W``) and
     ``algo/fedala/started`` (whether the first, long weight learning is done).
+
+    Under ``--federation.client_batch`` it trains one client at a time (it learns its aggregation weights in passes of
+    its own).
     """
+
+    client_batchable = False
 
     def __init__(self, layers: int = 2, eta: float = 1.0, rand_percent: int = 80, threshold: float = 0.1,
                  num_pre_loss: int = 10, max_start_epochs: int = 20) -> None:

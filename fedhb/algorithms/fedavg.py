@@ -30,6 +30,8 @@ class FedAvg(Algorithm):
       The distances are over every uploaded tensor at once.
     """
 
+    client_batchable = True  # plain local SGD: --federation.client_batch trains clients together
+
     has_global_model = True
 
     def __init__(self, aggregation: str = "mean", trim: float = 0.2, num_malicious: int = 1,

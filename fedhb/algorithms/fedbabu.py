@@ -36,7 +36,12 @@ class FedBABU(FedAvg):
     head.
 
     Client state: ``algo/fedbabu/delta/*``.
+
+    Under ``--federation.client_batch`` it trains one client at a time (it trains the body and then fine-tunes the head,
+    in two phases).
     """
+
+    client_batchable = False
 
     def __init__(self, fine_tune_epochs: int = 1, fine_tune: str = "all") -> None:
         """

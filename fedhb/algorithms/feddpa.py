@@ -44,7 +44,12 @@ class FedDPA(FedAvg):
     one). The head is part of the global model.
 
     Client state: ``algo/feddpa/local/*`` (the personal adapter) and ``algo/feddpa/weight``.
+
+    Under ``--federation.client_batch`` it trains one client at a time (it trains a personal adapter beside the global
+    one).
     """
+
+    client_batchable = False
 
     def __init__(self, local_weight: float = 0.5, max_weight: float = 0.5, instances: int = 5) -> None:
         """

@@ -38,7 +38,12 @@ class FedDyn(FedAvg):
     ``alpha / 2 ||w - theta||`` rather than its square; fedhb follows the paper and the authors' code.
 
     Client state: ``algo/feddyn/lambda/*``.
+
+    Under ``--federation.client_batch`` it trains one client at a time (its state is updated from the trained model
+    after local training).
     """
+
+    client_batchable = False
 
     def __init__(self, alpha: float = 0.01) -> None:
         """

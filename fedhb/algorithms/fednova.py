@@ -29,7 +29,12 @@ class FedNova(FedAvg):
     Deliberate differences: applied to the trainable tensors (LoRA and head); ``a_i`` is the plain-SGD (or SGD with
     momentum) count also when ``--optim.name`` is Adam, whose effective step lengths FedNova does not model; no server
     momentum. The uploaded ``a_i`` (8 bytes) is counted.
+
+    Under ``--federation.client_batch`` it trains one client at a time (it reads the client's step count after local
+    training).
     """
+
+    client_batchable = False
 
     def setup(self, names: list[str], initial: State | None = None, num_clients: int | None = None) -> None:
         super().setup(names, initial, num_clients)

@@ -25,6 +25,8 @@ class FedProx(FedAvg):
     of stragglers is not simulated). With ``mu = 0`` the numbers are exactly FedAvg's.
     """
 
+    client_batchable = True  # each client's proximal term is computed on its own rows of a shared pass
+
     def __init__(self, mu: float = 0.01) -> None:
         """
         Args:

@@ -23,7 +23,11 @@ class FedRep(FedAvg):
     Deliberate differences: the representation is the LoRA adapter of the frozen backbone (the paper trains the whole
     body); ``head_epochs`` defaults to 1 (the paper uses up to 10 head epochs per round; raise it to match, at a cost
     of one forward pass per sample and head epoch).
+
+    Under ``--federation.client_batch`` it trains one client at a time (it alternates head and representation phases).
     """
+
+    client_batchable = False
 
     has_global_model = False
 

@@ -21,6 +21,8 @@ class FFALoRA(FedAvg):
     uploaded and averaged (sample-weighted) into one global model. A is never trained, sent or received.
     """
 
+    client_batchable = True  # one fit with A frozen: --federation.client_batch trains clients together
+
     def upload(self, state: State) -> State:
         return self.model_part(state, keep=lambda name: not is_lora_a(name))
 

@@ -79,7 +79,12 @@ class FLoRA(Algorithm):
     - A client that missed aggregations (``--federation.fraction`` < 1) catches up by downloading the accumulated
       update of every adapted layer as a dense matrix (``out x in``) and the head, which is what is counted; the
       paper has every client take part in every round.
+
+    Under ``--federation.client_batch`` it trains one client at a time (its clients run their adapters at ranks of their
+    own).
     """
+
+    client_batchable = False
 
     has_global_model = True
 

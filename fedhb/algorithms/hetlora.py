@@ -43,7 +43,12 @@ class HetLoRA(Algorithm):
 
     Client state: :data:`~fedhb.models.lora.RANK_KEY` (the current rank), ``algo/hetlora/rank0`` and
     ``algo/hetlora/tail`` (the tail's norm after the previous round).
+
+    Under ``--federation.client_batch`` it trains one client at a time (its clients run their adapters at ranks of their
+    own).
     """
+
+    client_batchable = False
 
     has_global_model = True
 

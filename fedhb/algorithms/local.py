@@ -9,6 +9,8 @@ from fedhb.algorithms.base import Algorithm
 class Local(Algorithm):
     """Each client trains alone and nothing is communicated: the floor every federated method must beat."""
 
+    client_batchable = True  # plain local SGD: --federation.client_batch trains clients together
+
     def upload(self, state: State) -> State:
         return {}
 

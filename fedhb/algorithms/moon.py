@@ -31,7 +31,12 @@ class MOON(FedAvg):
     Before a client's first round its previous model is the initial model, as in the paper's code.
 
     Client state: ``algo/moon/prev/*`` (the model after the client's last local training).
+
+    Under ``--federation.client_batch`` it trains one client at a time (its contrastive term needs passes of the global
+    and previous models).
     """
+
+    client_batchable = False
 
     def __init__(self, mu: float = 1.0, temperature: float = 0.5) -> None:
         """

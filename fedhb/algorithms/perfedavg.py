@@ -39,7 +39,12 @@ class PerFedAvg(FedAvg):
     with the client's last adaptation step, whose gradient was taken at the client's model).
 
     Client state: ``algo/perfedavg/delta/*``.
+
+    Under ``--federation.client_batch`` it trains one client at a time (its meta-gradient steps take gradients at
+    several points).
     """
+
+    client_batchable = False
 
     def __init__(self, alpha: float | None = None, beta: float | None = None) -> None:
         """

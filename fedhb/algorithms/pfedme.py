@@ -34,7 +34,11 @@ class PFedMe(FedAvg):
     (LoRA factors and head).
 
     Client state: ``algo/pfedme/theta/*``.
+
+    Under ``--federation.client_batch`` it trains one client at a time (it solves an inner problem per step).
     """
+
+    client_batchable = False
 
     def __init__(self, lam: float = 15.0, inner_steps: int = 5, personal_lr: float = 0.01, mu: float = 0.001,
                  beta: float = 1.0) -> None:

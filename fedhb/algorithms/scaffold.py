@@ -41,7 +41,12 @@ class SCAFFOLD(Algorithm):
 
     Client state: ``algo/scaffold/c_i/*`` (own control variate), ``algo/scaffold/c/*`` (the server's, as last received)
     and ``algo/scaffold/dc/*`` (the last change of ``c_i``, uploaded).
+
+    Under ``--federation.client_batch`` it trains one client at a time (its control variate is updated from the trained
+    model after local training).
     """
+
+    client_batchable = False
 
     has_global_model = True
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from fedhb.algorithms._ops import State
+from fedhb.mapped import gather
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
@@ -129,7 +130,7 @@ class LocalTrainer:
             for start in range(0, len(order), self.batch_size):
                 batch = order[start:start + self.batch_size]
                 samples = torch.from_numpy(self.index[batch.numpy()])
-                yield batch, {k: self.fabric.to_device(v[samples]) for k, v in self.tensors.items()}
+                yield batch, gather(self.fabric, self.tensors, samples)
 
     def window(self, fraction: float) -> Tensor:
         """A random contiguous run of ``max(1, int(fraction * n))`` positions of the client's training split, its
@@ -281,7 +282,7 @@ class LocalTrainer:
         out = []
         for start in range(0, len(self.index), self.eval_batch_size):
             samples = torch.from_numpy(self.index[start:start + self.eval_batch_size])
-            batch = {k: self.fabric.to_device(v[samples]) for k, v in self.tensors.items()}
+            batch = gather(self.fabric, self.tensors, samples)
             with self.fabric.autocast():
                 out.append(self.client_module.features(batch).float())
         self.module.train(was_training)

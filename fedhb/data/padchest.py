@@ -29,7 +29,8 @@ image; fedhb reads these columns of it:
 - ``ImageDir``/``ImageID``: with ``--data.images DIR`` the ``image`` modality is read from ``DIR/<ImageDir>/<ImageID>``
   (the released zip folders, 16-bit PNG), min-max scaled to 8 bits and resized to ``--data.image_size``; an image
   whose file is not there is absent for that sample. Images are decoded only for the samples a run keeps (after
-  ``--data.fraction``), and held in memory as uint8 (50 KB each at 224 px).
+  ``--data.fraction``), once, into the on-disk cache of :mod:`fedhb.data.image_cache` (``--data.cache_dir``; 50 KB
+  per image at 224 px), and memory-mapped from it.
 
 PadChest is licensed for research use by BIMCV (http://bimcv.cipf.es/bimcv-projects/padchest/); fedhb reads the copy
 torchxrayvision distributes.
@@ -49,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from fedhb.data.base import FederatedDataset, Samples
+from fedhb.data.image_cache import CachedImages, decode_image
 from fedhb.data.text_common import check_fraction, group_ids
 
 FILE = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz"
@@ -182,52 +184,10 @@ def patient_sites(patients: Sequence[str], manufacturers: Sequence[str]) -> tupl
     return np.array([names.index(best[p]) for p in patients], dtype=np.int64), names
 
 
-class ImageFiles:
-    """The PadChest images of some rows, decoded only when the encoder asks for the array (``np.asarray``).
-
-    Indexing (``files[index]``) selects rows without reading anything, so ``--data.fraction`` and the partition run on
-    paths; :meth:`__array__` reads, scales and resizes the kept rows' files. Absent files give zeros, which the
-    presence mask tells the model to ignore.
-    """
-
-    def __init__(self, paths: list[Path | None], size: int) -> None:
-        self.paths, self.size = paths, size
-        self.shape = (len(paths), size, size)
-        self.ndim = 3
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: Any) -> ImageFiles:
-        return ImageFiles([self.paths[i] for i in np.arange(len(self.paths))[index]], self.size)
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = np.zeros(self.shape, dtype=np.uint8)
-        for i, path in enumerate(self.paths):
-            if path is not None:
-                out[i] = read_image(path, self.size)
-        return out if dtype is None else out.astype(dtype)
-
-
 def read_image(path: Path, size: int) -> np.ndarray:
-    """One PadChest PNG as ``(size, size)`` uint8: min-max scaled from its bit depth, resized bilinearly."""
-    try:
-        from PIL import Image
-    except ImportError as err:
-        raise ValueError("--data.images needs Pillow: pip install 'fedhb[images]'") from err
-    try:
-        with Image.open(path) as image:
-            pixels = np.asarray(image, dtype=np.float32)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable image ({err})") from err
-    if pixels.ndim == 3:
-        pixels = pixels.mean(-1)
-    low, high = float(pixels.min()), float(pixels.max())
-    scaled = np.zeros_like(pixels) if high <= low else (pixels - low) / (high - low) * 255.0
-    from PIL import Image
-
-    resized = Image.fromarray(scaled.astype(np.uint8)).resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(resized, dtype=np.uint8)
+    """One PadChest PNG as ``(size, size)`` uint8: min-max scaled from its bit depth, resized bilinearly (what the
+    image cache holds)."""
+    return decode_image(path, size, scaling="minmax")
 
 
 #: Parsed files of this process, by (path, size, mtime): the quick start runs three federations on one file.
@@ -241,7 +201,8 @@ class PadChest(FederatedDataset):
     default_natural_by = "site"
 
     def __init__(self, path: str | None = None, images: str | None = None, modalities: list[str] | None = None,
-                 labels: list[str] | None = None, image_size: int = 224, fraction: float = 1.0) -> None:
+                 labels: list[str] | None = None, image_size: int = 224, fraction: float = 1.0,
+                 cache_dir: str | None = None) -> None:
         """
         Args:
             path: The label file (``PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz``); default: the copy
@@ -252,6 +213,8 @@ class PadChest(FederatedDataset):
             labels: Findings to predict (names as in the file's Labels column); default :data:`DEFAULT_LABELS`.
             image_size: Side in pixels the images are resized to.
             fraction: Fraction of the images to keep (stratified by first finding, seeded by ``--seed``).
+            cache_dir: Folder of the image cache (default ``$FEDHB_IMAGE_CACHE``, ``$FEDHB_CACHE/images`` or
+                ``~/.cache/fedhb/images``).
         """
         check_fraction(fraction)
         chosen = list(modalities) if modalities is not None else ["text", "tabular"] + (["image"] if images else [])
@@ -266,6 +229,7 @@ class PadChest(FederatedDataset):
         if image_size < 8:
             raise ValueError(f"--data.image_size must be >= 8, got {image_size!r}")
         self.path, self.images, self.labels, self.image_size, self.fraction = path, images, names, image_size, fraction
+        self.cache_dir = cache_dir
         self.modalities = [m for m in MODALITY_ORDER if m in chosen]
         self.name = "padchest"
 
@@ -302,7 +266,8 @@ class PadChest(FederatedDataset):
             if not found.any():
                 raise FileNotFoundError(f"--data.images {folder}: none of the {len(files)} images of {path.name} is "
                                         f"there (expected e.g. {files[0]})")
-            inputs["image"] = ImageFiles([f if ok else None for f, ok in zip(files, found)], self.image_size)
+            inputs["image"] = CachedImages([f if ok else None for f, ok in zip(files, found)], self.image_size,
+                                           scaling="minmax", dataset=self.name, root=folder, cache_dir=self.cache_dir)
             present["image"] = found
         if "text" in self.modalities:
             inputs["text"] = [t or "" for t in rows["text"]]

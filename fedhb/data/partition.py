@@ -264,6 +264,9 @@ def drop_modality(samples: Samples, splits: list[ClientSplit], modality: str, fr
         The samples with their presence mask updated (inputs shared), and counts: ``clients`` (clients that lost it
         in every sample), ``removed`` (samples that lost it), ``kept_last``.
     """
+    channels = getattr(samples.inputs, "drop_channels", None)
+    if samples.modality != "multimodal" and channels is not None:  # channels of one modality (BraTS's sequences)
+        return channels(samples, splits, modality, fraction, level, seed)
     if samples.modality != "multimodal" or modality not in samples.modalities:
         raise ValueError(f"--partition.missing_modality {modality!r}: the data carries {list(samples.modalities)}; "
                          f"a modality can only be removed from multimodal data that carries it")

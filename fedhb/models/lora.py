@@ -15,7 +15,7 @@ importing any model library.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -255,3 +255,93 @@ def apply_lora(model: nn.Module, args: LoRAArgs) -> nn.Module:
     for name, p in model.named_parameters():
         p.requires_grad_(_FRAGMENT in name)
     return model
+
+
+# -- routing: several clients' adapters in one pass -----------------------------------------------------------------
+class RoutingError(ValueError):
+    """A routed LoRA layer saw a batch whose first dimension is not the concatenated samples (the encoder reshapes
+    its batch): the clients cannot share this pass."""
+
+
+class RoutedAdapters:
+    """Runs a concatenated batch through the frozen backbone with each sample's own client's LoRA factors.
+
+    Multi-LoRA batching as Punica (Chen et al., arXiv 2310.18547) and S-LoRA (Sheng et al., arXiv 2311.03285) do it
+    for serving: the base layer runs once over every sample, and each client's low-rank term ``B_k A_k x`` over its
+    own rows, as one batched matmul over the stacked factors when the clients bring equally many rows (a grouped
+    loop otherwise). Within :meth:`route` every peft LoRA layer of ``module`` computes, for the rows of client ``k``,
+    exactly peft's ``base(x) + B_k(A_k(dropout(x))) * scaling``. The factors are the clients' own tensors (stacked, not
+    copied out of the graph), so a backward pass gives each client exactly the gradient of its own loss.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self._layers: dict[str, Any] | None = None
+
+    def layers(self) -> dict[str, Any]:
+        if self._layers is None:
+            self._layers = _lora_modules(self.module)
+        return self._layers
+
+    def unsupported(self) -> str | None:
+        """Why these adapters cannot be routed (a DoRA variant, a merged adapter, LoRA on a non-linear layer), or
+        ``None``."""
+        from torch import nn
+
+        for path, layer in self.layers().items():
+            if not isinstance(layer.base_layer, nn.Linear) or getattr(layer, "fan_in_fan_out", False):
+                return f"{path}: LoRA on a {type(layer.base_layer).__name__} layer"
+            if layer.merged or layer.disable_adapters or list(layer.active_adapters) != [_ADAPTER]:
+                return f"{path}: merged, disabled or several adapters"
+            if getattr(layer, "lora_variant", {}).get(_ADAPTER) is not None:
+                return f"{path}: a LoRA variant (DoRA)"
+        return None
+
+    def route(self, clients: Sequence[Mapping[str, Tensor]], sizes: Sequence[int]) -> Any:
+        """A context in which the first ``sizes[0]`` samples of a batch use ``clients[0]``'s factors, the next
+        ``sizes[1]`` ``clients[1]``'s, and so on (each a mapping of the module's parameter names to tensors)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def routing() -> Any:
+            patched = []
+            try:
+                for path, layer in self.layers().items():
+                    a, b = adapter_names(path)
+                    layer.forward = _Routed(layer, [c[a] for c in clients], [c[b] for c in clients], list(sizes))
+                    patched.append(layer)
+                yield
+            finally:
+                for layer in patched:
+                    del layer.forward  # the instance attribute: the class's forward is back
+
+        return routing()
+
+
+class _Routed:
+    """The forward of one peft LoRA layer under :meth:`RoutedAdapters.route`."""
+
+    def __init__(self, layer: Any, a: list[Tensor], b: list[Tensor], sizes: list[int]) -> None:
+        self.layer, self.a, self.b, self.sizes = layer, a, b, sizes
+
+    def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        import torch
+        import torch.nn.functional as F
+
+        layer = self.layer
+        result = layer.base_layer(x, *args, **kwargs)
+        dtype = result.dtype
+        total = sum(self.sizes)
+        if x.shape[0] != total:
+            raise RoutingError(f"a LoRA layer saw {x.shape[0]} rows for {total} samples")
+        if x.dtype != self.a[0].dtype:  # as peft's _cast_input_dtype
+            x = x.to(self.a[0].dtype)
+        x = layer.lora_dropout[_ADAPTER](x)
+        if len(set(self.sizes)) == 1:  # equal shares: one batched matmul over the stacked factors
+            rows = x.reshape(len(self.sizes), -1, x.shape[-1])
+            a, b = torch.stack(self.a), torch.stack(self.b)  # (K, r, in), (K, out, r)
+            delta = torch.bmm(torch.bmm(rows, a.transpose(1, 2)), b.transpose(1, 2)).reshape(*x.shape[:-1], -1)
+        else:
+            delta = torch.cat([F.linear(F.linear(part, a), b)
+                               for part, a, b in zip(x.split(self.sizes), self.a, self.b)])
+        return (result + delta * layer.scaling[_ADAPTER]).to(dtype)

@@ -39,9 +39,11 @@ class ImageEncoder(Encoder):
         self.register_buffer("std", torch.tensor(std[:channels]).view(-1, 1, 1), persistent=False)
 
     def prepare(self, samples: Samples) -> dict[str, Tensor]:
-        # np.asarray: an array-like that decodes its files on demand (fedhb.data.padchest.ImageFiles) reads them here.
+        # np.asarray: an array-like over image files (fedhb.data.image_cache.CachedImages) opens its on-disk cache here,
+        # a memmap that stays one: (N, H, W) or channels-first (N, C, H, W) need neither a permute nor a copy.
         images = torch.from_numpy(np.asarray(samples.inputs))
-        images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
+        channels_first = getattr(samples.inputs, "channels_first", False)
+        images = images.unsqueeze(1) if images.ndim == 3 else images if channels_first else images.permute(0, 3, 1, 2)
         return {"pixels": images.contiguous()}  # uint8: a 224-px set stays 4x smaller than in float
 
     def pixel_values(self, pixels: Tensor) -> Tensor:

@@ -39,6 +39,7 @@ from torch import Tensor
 from fedhb import seeds
 from fedhb.algorithms._ops import State
 from fedhb.algorithms.base import Aggregate, Algorithm, algo_key
+from fedhb.mapped import gather
 from fedhb.privacy.accounting import epsilon, noise_for_epsilon
 
 if TYPE_CHECKING:
@@ -189,7 +190,7 @@ class PrivateTrainer:
                     self._noise_only(before_step)
                     continue
                 samples = torch.from_numpy(t.index[rows.numpy()])
-                batch = {k: t.fabric.to_device(v[samples]) for k, v in t.tensors.items()}
+                batch = gather(t.fabric, t.tensors, samples)
                 size, seen = len(rows), {}  # type: tuple[int, dict[str, Any]]
 
                 def tracked(batch: dict[str, Tensor], out: dict[str, Tensor], rows: Tensor, seen: dict = seen) -> Any:

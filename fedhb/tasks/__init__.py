@@ -22,6 +22,9 @@ TASKS: dict[str, str] = {
     "multi-class": "fedhb.tasks.classification:Classification",
     "binary": "fedhb.tasks.classification:Classification",
     "multi-label": "fedhb.tasks.classification:Classification",
+    "retrieval": "fedhb.tasks.retrieval:Retrieval",
+    "segmentation": "fedhb.tasks.segmentation:Segmentation",
+    "vqa": "fedhb.tasks.vqa:VQA",
 }
 
 

@@ -25,6 +25,9 @@ class Task:
     selection_score: str = ""
     #: The round metrics this task adds to ``metrics.jsonl`` (keys, TensorBoard tags, report columns).
     fields: tuple[Field, ...] = ()
+    #: Whether the client model's fusion step is trained; a task that uses the modalities apart (retrieval's
+    #: per-modality projections) sets it false and the client model freezes the fusion step (not uploaded).
+    uses_fusion: bool = True
 
     @classmethod
     def from_samples(cls, samples: Samples) -> Task:
@@ -54,6 +57,11 @@ class Task:
         overrides this; training, evaluation and every algorithm go through it."""
         features = module.features(batch)
         return module.head(features), features
+
+    def tensors(self, samples: Samples) -> dict[str, Tensor]:
+        """Tensors the task needs beyond the encoders' inputs and ``labels``, indexed by sample, prepared once with
+        them (retrieval's ``index``: each sample's row); default none."""
+        return {}
 
     def targets(self, batch: dict[str, Tensor]) -> Tensor:
         """What :meth:`loss`, :meth:`score` and :meth:`global_stats` compare the output with (``labels``)."""

@@ -83,3 +83,78 @@ def toy_trainer(params: dict[str, list[float]], data: list[float], *, lr: float 
 
 def t(*values: float) -> Tensor:
     return torch.tensor(values, dtype=torch.float32)
+
+
+class _ToyEncoder(nn.Module):
+    """Features ``x * p`` of a modality's scalar input ``x``."""
+
+    def __init__(self, p: list[float]) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(p, dtype=torch.float32))
+        self.hidden_size = len(p)
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        return batch["x"][:, None] * self.p[None, :]
+
+
+class _ToyFusion(nn.Module):
+    """Concatenation; each modality's projection is the identity (what ``Representations`` hooks); absent -> 0."""
+
+    masked = True
+
+    def __init__(self, modalities: list[str]) -> None:
+        super().__init__()
+        self.proj = nn.ModuleDict({m: nn.Identity() for m in modalities})
+
+    def forward(self, features: dict[str, Tensor], present: dict[str, Tensor]) -> Tensor:
+        return torch.cat([torch.where(present[m][:, None], self.proj[m](z), torch.zeros_like(z))
+                          for m, z in features.items()], dim=1)
+
+
+class ToyMultimodal(nn.Module):
+    """A multimodal client model computable by hand: modality ``m``'s features ``x_m * p_m`` (batch keys ``m/x``,
+    ``m/present``), fused by concatenation (zeros where absent); loss ``sum_m mean_{b holding m} 0.5 ||p_m - x_m||^2``
+    (``x_m`` broadcast over the vector)."""
+
+    multimodal = True
+
+    def __init__(self, params: dict[str, list[float]]) -> None:
+        super().__init__()
+        self.encoders = nn.ModuleDict({m: _ToyEncoder(p) for m, p in params.items()})
+        self.fusion = _ToyFusion(list(params))
+        self.feature_size = sum(len(p) for p in params.values())
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return {f"encoders.{m}.p": e.p for m, e in self.encoders.items() if e.p.requires_grad}
+
+    def features(self, batch: dict[str, Tensor]) -> Tensor:
+        features = {m: e({"x": batch[f"{m}/x"]}) for m, e in self.encoders.items()}
+        return self.fusion(features, {m: batch[f"{m}/present"].bool() for m in self.encoders})
+
+    def training_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        loss = torch.zeros(())
+        for m, e in self.encoders.items():
+            mask = batch[f"{m}/present"].bool()
+            if bool(mask.any()):
+                x = batch[f"{m}/x"][mask][:, None]
+                loss = loss + (0.5 * (e.p[None, :] - x).pow(2).sum(1)).mean()
+        return {"loss": loss, "features": self.features(batch)}
+
+
+def multimodal_trainer(params: dict[str, list[float]], inputs: dict[str, list[float]],
+                       present: dict[str, list[bool]], index: list[int], *, lr: float = 0.5,
+                       batch_size: int = 64, client: int = 0) -> tuple[LocalTrainer, ToyMultimodal]:
+    """A trainer over :class:`ToyMultimodal` (plain SGD at ``lr``) whose training split is the samples ``index`` of
+    ``inputs`` (``{modality: one x per sample}``) and ``present``."""
+    optim = OptimArgs(name="sgd", lr=lr, schedule="constant", min_lr=0.0)
+    module = ToyMultimodal(params)
+    optimizer = make_optimizer(list(module.parameters()), optim)
+    n = len(next(iter(inputs.values())))
+    tensors = {"labels": torch.zeros(n, dtype=torch.long)}
+    for m, xs in inputs.items():
+        tensors[f"{m}/x"] = torch.tensor(xs, dtype=torch.float32)
+        tensors[f"{m}/present"] = torch.tensor(present[m])
+    trainer = LocalTrainer(ToyFabric(), module, module, optimizer, tensors, np.array(index), epochs=1,  # type: ignore
+                           batch_size=batch_size, eval_batch_size=batch_size, lr=lr, optim=optim, seed=0, round=1,
+                           rounds=10, client=client)
+    return trainer, module

@@ -14,9 +14,11 @@ from fedhb.algorithms import (
     APFL,
     APPLE,
     EPFL,
+    MMOON,
     MOON,
     SCAFFOLD,
     Centralized,
+    CreamFL,
     Ditto,
     FedAdagrad,
     FedAdam,
@@ -54,7 +56,8 @@ def every_algorithm():
     runs = [FedAvg(), Local(), EPFL(lam=0.3, layers="second_half", distance="cosine"), FedProx(mu=0.1),
             SCAFFOLD(), APFL(), APPLE(), FedALA(max_start_epochs=2), MOON(), FedNova(), FedAdam(), FedYogi(),
             FedAdagrad(), FedAvgM(), Ditto(), FedRep(), FedPer(), FedSALoRA(), FFALoRA(), FLoRA(), Centralized(),
-            FedDyn(), FedBABU(), PerFedAvg(), PFedMe(inner_steps=2), HetLoRA(), FedDPA()]
+            FedDyn(), FedBABU(), PerFedAvg(), PFedMe(inner_steps=2), HetLoRA(), FedDPA(),
+            MMOON(contrast="both"), CreamFL()]
     return {**{type(a).__name__: a for a in runs}, "FLoRA-ranks": FLoRA(ranks=[8, 4, 2]),
             "HetLoRA-ranks": HetLoRA(ranks=[8, 4, 2], lam=0.1), "FedAvg-median": FedAvg(aggregation="median"),
             "FedAvg-trimmed_mean": FedAvg(aggregation="trimmed_mean", trim=0.25),

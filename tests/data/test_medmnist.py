@@ -152,3 +152,20 @@ def test_a_damaged_file_names_the_file_and_the_problem(tmp_path, damage):
     message = str(err.value)
     assert message.startswith(f"{path}: the file is truncated or damaged (BadZipFile: ")
     assert "Delete it, then download" in message and medmnist_info("organamnist")["MD5"] in message
+
+
+def test_the_metadata_is_medmnists_own_without_importing_its_package():
+    import json
+    import subprocess
+    import sys
+
+    from medmnist import INFO
+
+    probe = ("import sys, json; from fedhb.data.medmnist import medmnist_info; info = medmnist_info('organamnist'); "
+             "print(json.dumps([info['n_channels'], info['label'], 'pandas' in sys.modules, "
+             "'medmnist' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    channels, labels, pandas, package = json.loads(out.strip().splitlines()[-1])
+
+    assert channels == INFO["organamnist"]["n_channels"] and labels == INFO["organamnist"]["label"]
+    assert not pandas and not package

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedhb.resources import memory_status
+
 BATCH = 48
 
 
@@ -58,22 +60,12 @@ def write_fixture(root: Path, n: int, source: int, seed: int = 0) -> list[Path]:
     return paths
 
 
-def status() -> dict[str, int]:
-    """``VmHWM``, ``VmRSS``, ``RssAnon`` and ``RssFile`` of this process, in kB."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-            out[key] = int(value.split()[0])
-    return out
-
-
 def run_mode(mode: str, cache_file: str, share: float, seed: int = 0) -> dict[str, float]:
     """One training-like pass in this process; peaks in MB."""
     import torch
 
     torch.set_num_threads(1)
-    before = status()
+    before = memory_status()
     from fedhb.mapped import release, track
 
     if mode == "in-memory":
@@ -91,8 +83,8 @@ def run_mode(mode: str, cache_file: str, share: float, seed: int = 0) -> dict[st
         release()  # what fedhb.mapped.gather does after each batch (a no-op for the untracked modes)
         total += float(batch.float().div_(255.0).mean())  # as ImageEncoder.pixel_values
         if b % 10 == 0:
-            peak = {k: max(v, peak[k]) for k, v in status().items()}
-    peak = {k: max(v, peak[k]) for k, v in status().items()}
+            peak = {k: max(v, peak[k]) for k, v in memory_status().items()}
+    peak = {k: max(v, peak[k]) for k, v in memory_status().items()}
     return {"rss_mb": peak["VmHWM"] / 1024,
             "anon_mb": peak["RssAnon"] / 1024, "file_mb": peak["RssFile"] / 1024,
             "baseline_mb": before["VmRSS"] / 1024, "anon_added_mb": (peak["RssAnon"] - before["RssAnon"]) / 1024,

@@ -28,15 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def status() -> dict[str, int]:
-    """``VmHWM``, ``VmRSS``, ``RssAnon`` and ``RssFile`` of this process, in kB."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-            out[key] = int(value.split()[0])
-    return out
+from fedhb.resources import memory_status
 
 
 def main() -> None:
@@ -79,13 +71,13 @@ def main() -> None:
         federation = FederationArgs(rounds=1, local_epochs=args.local_epochs, batch_size=2, eval_batch_size=2)
         loop = build_loop(fabric, samples, splits, FedAvg(), model=ModelArgs(backbone=args.backbone),
                           federation=federation, optim=OptimArgs(name="adam", lr=2e-4, schedule="constant"), seed=0)
-        before = status()
+        before = memory_status()
         if torch.cuda.is_available() and args.accelerator != "cpu":
             torch.cuda.reset_peak_memory_stats()
         t, cpu = time.perf_counter(), time.process_time()
         result = loop.run_round(1)
         round_s, round_cpu_s = time.perf_counter() - t, time.process_time() - cpu
-        after = status()
+        after = memory_status()
         metrics = result.metrics or {}
         out = {
             "cases": args.cases, "size": args.size, "patch": args.patch, "backbone": args.backbone,

@@ -23,3 +23,20 @@ def cpu_oversubscription_warning(processes: int, cores: int) -> str | None:
     return (f"fedhb: warning: --fabric.devices {processes} starts {processes} CPU processes on {cores} "
             f"core{'s' if cores != 1 else ''}: they take turns on the cores, so the run is slower than with "
             f"--fabric.devices {max(1, cores)} (the numbers are the same on any number of processes)")
+
+
+def memory_status() -> dict[str, int]:
+    """This process's ``VmHWM`` (peak resident set), ``VmRSS``, ``RssAnon`` (its own memory) and ``RssFile`` (mapped
+    file pages), in kB, from ``/proc/self/status`` (Linux; ``{}`` elsewhere): what the benchmarks report."""
+    from pathlib import Path
+
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    out = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+            out[key] = int(value.split()[0])
+    return out

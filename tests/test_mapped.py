@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import gc
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from fedhb import mapped
+from fedhb.resources import memory_status
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 
@@ -25,10 +25,7 @@ class Host:
 
 
 def rss_file_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssFile:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no RssFile in /proc/self/status")
+    return memory_status()["RssFile"] / 1024
 
 
 def epoch(tensors, n):

@@ -96,37 +96,12 @@ def parse_report(xml: bytes, where: str, sections: list[str]) -> tuple[str, str,
 
 def read_iu_xray_reports(path: str | Path, sections: list[str]) -> tuple[list[str], list[str], np.ndarray, int]:
     """Report ids, texts and labels of every report with text in ``sections``, and how many were skipped."""
-    path = Path(path)
-    try:
-        archive = tarfile.open(path, "r:*")
-    except (tarfile.TarError, OSError) as err:
-        raise ValueError(f"{path}: not a readable tar archive ({err}); download or reinstall it") from err
-    ids: list[str] = []
-    texts: list[str] = []
-    labels: list[int] = []
-    skipped = 0
-    with archive:
-        try:
-            members = [m for m in archive.getmembers() if m.isfile() and m.name.endswith(".xml")]
-        except (tarfile.TarError, OSError, EOFError) as err:
-            raise ValueError(f"{path}: damaged archive ({err}); download or reinstall it") from err
-        if not members:
-            raise ValueError(f"{path}: holds no .xml reports (expected ecgen-radiology/<n>.xml)")
-        members.sort(key=lambda m: (len(m.name), m.name))  # numeric order of ecgen-radiology/<n>.xml
-        for member in members:
-            handle = archive.extractfile(member)
-            if handle is None:
-                raise ValueError(f"{path}:{member.name}: cannot be read from the archive")
-            report_id, text, label = parse_report(handle.read(), f"{path}:{member.name}", sections)
-            if not text:
-                skipped += 1
-                continue
-            ids.append(report_id)
-            texts.append(text)
-            labels.append(label)
-    if not texts:
+    reports = read_iu_xray(path, sections)
+    kept = [i for i, text in enumerate(reports["texts"]) if text]
+    if not kept:
         raise ValueError(f"{path}: no report has text in the sections {sections}")
-    return ids, texts, np.array(labels, dtype=np.int64), skipped
+    return ([reports["ids"][i] for i in kept], [reports["texts"][i] for i in kept],
+            np.array([reports["labels"][i] for i in kept], dtype=np.int64), len(reports["texts"]) - len(kept))
 
 
 class IUXrayReports(FederatedDataset):
@@ -184,7 +159,7 @@ def read_iu_xray(path: str | Path, sections: list[str]) -> dict[str, Any]:
             raise ValueError(f"{path}: damaged archive ({err}); download or reinstall it") from err
         if not members:
             raise ValueError(f"{path}: holds no .xml reports (expected ecgen-radiology/<n>.xml)")
-        members.sort(key=lambda m: (len(m.name), m.name))
+        members.sort(key=lambda m: (len(m.name), m.name))  # numeric order of ecgen-radiology/<n>.xml
         for member in members:
             handle = archive.extractfile(member)
             if handle is None:

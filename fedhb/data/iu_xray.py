@@ -33,8 +33,6 @@ Images are decoded once into the on-disk cache of :mod:`fedhb.data.image_cache`.
 
 from __future__ import annotations
 
-import csv
-import gzip
 import importlib.util
 import tarfile
 import xml.etree.ElementTree as ET
@@ -44,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from fedhb.data.base import FederatedDataset, Samples
+from fedhb.data.csv_files import checked_rows
 from fedhb.data.image_cache import CachedImages
 from fedhb.data.text_common import check_fraction, group_ids
 
@@ -177,17 +176,9 @@ def read_views(path: str | Path, column: str = "View Position", name: str = META
     """``{image id: view}`` (upper case, ``""`` where blank) from ``column`` of ``nlmcxr_dicom_metadata.csv.gz``
     (or ``tsne-view`` of ``nlmcxr_tsne_pa.csv.gz``)."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", newline="", encoding="utf-8") as handle:  # type: ignore[operator]
-            reader = csv.DictReader(handle)
-            missing = [c for c in ("imageid", column) if c not in (reader.fieldnames or [])]
-            if missing:
-                raise ValueError(f"{path}: line 1: missing columns {missing}; expected the header of "
-                                 f"torchxrayvision's {name}")
-            return {row["imageid"].strip(): (row[column] or "").strip().upper() for row in reader}
-    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as err:
-        raise ValueError(f"{path}: not a readable CSV ({type(err).__name__}: {err}); download or reinstall it") from err
+    rows = checked_rows(path, ("imageid", column), f"the header of torchxrayvision's {name}",
+                        "download or reinstall it")
+    return {row["imageid"].strip(): (row[column] or "").strip().upper() for _, row in rows}
 
 
 class IUXray(FederatedDataset):

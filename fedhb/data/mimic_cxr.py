@@ -32,8 +32,6 @@ is named before training starts).
 
 from __future__ import annotations
 
-import csv
-import gzip
 import re
 from pathlib import Path
 from typing import Any
@@ -41,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from fedhb.data.base import FederatedDataset, Samples
+from fedhb.data.csv_files import checked_rows
 from fedhb.data.image_cache import CachedImages
 from fedhb.data.text_common import check_fraction, group_ids
 
@@ -61,23 +60,8 @@ def read_csv(path: Path, columns: tuple[str, ...], hint: str) -> tuple[list[dict
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; MIMIC-CXR-JPG's {path.name} ({hint}) must be in --data.root "
                                 f"(download it from https://physionet.org/content/mimic-cxr-jpg/)")
-    try:
-        with gzip.open(path, "rt", newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            header = reader.fieldnames or []
-            missing = [c for c in columns if c not in header]
-            if missing:
-                raise ValueError(f"{path}: line 1: missing columns {missing}; expected the header of MIMIC-CXR-JPG's "
-                                 f"{path.name}")
-            rows = []
-            for row in reader:
-                if None in row or any(row[c] is None for c in columns):
-                    raise ValueError(f"{path}: line {reader.line_num}: {len(header)} columns expected, found a row of "
-                                     f"another length")
-                rows.append(row)
-    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as err:
-        raise ValueError(f"{path}: not a readable gzip-compressed CSV ({type(err).__name__}: {err}); download it "
-                         f"again") from err
+    rows = [row for _, row in checked_rows(path, columns, f"the header of MIMIC-CXR-JPG's {path.name}",
+                                           "download it again")]
     return rows, path
 
 

@@ -39,8 +39,6 @@ torchxrayvision distributes.
 from __future__ import annotations
 
 import ast
-import csv
-import gzip
 import importlib.util
 import math
 from collections.abc import Sequence
@@ -50,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from fedhb.data.base import FederatedDataset, Samples
+from fedhb.data.csv_files import checked_rows
 from fedhb.data.image_cache import CachedImages, decode_image
 from fedhb.data.text_common import check_fraction, group_ids
 
@@ -132,39 +131,26 @@ def read_padchest(path: str | Path) -> dict[str, Any]:
     ``manufacturer``, ``text`` (``None`` where absent), ``features`` ``(N, 19)``, ``labels`` (lists of findings) and
     ``skipped`` (rows without labels). Errors name the file and line."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
     out: dict[str, Any] = {k: [] for k in ("ids", "patient", "study", "manufacturer", "text", "features", "labels")}
     skipped = 0
-    try:
-        with opener(path, "rt", newline="", encoding="utf-8") as handle:  # type: ignore[operator]
-            reader = csv.DictReader(handle)
-            header = reader.fieldnames or []
-            missing = [c for c in COLUMNS if c not in header]
-            if missing:
-                raise ValueError(f"{path}: line 1: missing columns {missing}; expected the header of PadChest's "
-                                 f"label file ({FILE})")
-            for row in reader:
-                where = f"{path}: line {reader.line_num}"
-                if None in row or any(row[c] is None for c in COLUMNS):
-                    raise ValueError(f"{where}: {len(header)} columns expected, found a row of another length")
-                labels = _labels(row["Labels"], where)
-                if labels is None:
-                    skipped += 1
-                    continue
-                patient = row["PatientID"].strip()
-                if not patient:
-                    raise ValueError(f"{where}: empty PatientID")
-                report = row["Report"].strip()
-                out["ids"].append(f"{row['ImageDir'].strip()}/{row['ImageID'].strip()}")
-                out["patient"].append(patient)
-                out["study"].append(row["StudyID"].strip())
-                out["manufacturer"].append(row["Manufacturer_DICOM"].strip() or "unknown")
-                out["text"].append(None if report.lower() in _MISSING else report)
-                out["features"].append(_features(row, where))
-                out["labels"].append(labels)
-    except (OSError, EOFError, gzip.BadGzipFile, UnicodeDecodeError, csv.Error) as err:
-        raise ValueError(f"{path}: not a readable gzip-compressed CSV ({type(err).__name__}: {err}); download or "
-                         f"reinstall it") from err
+    for line, row in checked_rows(path, COLUMNS, f"the header of PadChest's label file ({FILE})",
+                                  "download or reinstall it"):
+        where = f"{path}: line {line}"
+        labels = _labels(row["Labels"], where)
+        if labels is None:
+            skipped += 1
+            continue
+        patient = row["PatientID"].strip()
+        if not patient:
+            raise ValueError(f"{where}: empty PatientID")
+        report = row["Report"].strip()
+        out["ids"].append(f"{row['ImageDir'].strip()}/{row['ImageID'].strip()}")
+        out["patient"].append(patient)
+        out["study"].append(row["StudyID"].strip())
+        out["manufacturer"].append(row["Manufacturer_DICOM"].strip() or "unknown")
+        out["text"].append(None if report.lower() in _MISSING else report)
+        out["features"].append(_features(row, where))
+        out["labels"].append(labels)
     if not out["ids"]:
         raise ValueError(f"{path}: no labelled rows")
     out["features"] = np.asarray(out["features"], dtype=np.float32)

@@ -154,6 +154,11 @@ class ClientModule(L.LightningModule):
             # Non-blocking: from the page-locked client states of a CUDA run (fedhb.loop.host_copy) the copies queue
             # on the stream instead of each waiting for the device; on CPU a plain copy.
             params[name].copy_(value, non_blocking=True)
+        # One wait for all of them: the host tensors are the clients' states, which the loop and the algorithms
+        # write to in place afterwards; a copy still queued would read the new values.
+        devices = {p.device for p in params.values() if p.device.type == "cuda"}
+        for device in devices:
+            torch.cuda.current_stream(device).synchronize()
 
     def load_state(self, state: State, names: list[str] | None = None) -> None:
         """Load a client's (or the global) state: its model tensors (``names``, default: every key the module has)

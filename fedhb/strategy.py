@@ -12,6 +12,7 @@ the main address, under ``torchrun`` ``TorchElasticEnvironment`` does. :func:`ma
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 from typing import Any
@@ -25,10 +26,28 @@ from fedhb.config import FabricArgs
 
 
 class ClientParallelStrategy(DDPStrategy):
-    """DDP's process group, launchers and collectives; modules are moved to the device but not DDP-wrapped."""
+    """DDP's process group, launchers and collectives; modules are moved to the device but not DDP-wrapped.
+
+    Each process destroys its process group when it exits. Left to interpreter finalization, gloo's worker threads can
+    release tensors after Python is gone, and the process then aborts ("terminate called without an active exception",
+    SIGABRT) after its work is done, which a ``ddp_spawn`` parent reports as a failed run.
+    """
 
     def setup_module(self, module: Module) -> Module:  # type: ignore[override]
         return module
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        atexit.unregister(destroy_process_group)  # once per process, however many Fabrics it sets up
+        atexit.register(destroy_process_group)
+
+
+def destroy_process_group() -> None:
+    """Destroy this process's default process group (and every group made from it), if one is initialized."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def resolve_accelerator(name: str) -> str:

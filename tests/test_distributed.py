@@ -275,3 +275,23 @@ def test_one_two_and_three_processes_and_any_placement_give_the_same_federation(
         check_placement(ranks, expected)
         check_collectives(ranks, algorithm)
     assert reversed_round_robin(sizes, 3) != assign_clients(sizes, 3)
+
+
+# -- process exit -----------------------------------------------------------------------------------------------------
+def _exit_handlers_release_the_group(fabric: Any) -> list[bool]:
+    """Whether this rank's process group is up before and after the handlers Python runs at exit."""
+    import atexit
+
+    import torch.distributed as dist
+
+    before = dist.is_initialized()
+    atexit._run_exitfuncs()  # what the interpreter runs at exit, before it tears modules down
+    return [before, dist.is_initialized()]
+
+
+@pytest.mark.slow
+def test_every_process_destroys_its_process_group_at_exit():
+    # Left to finalization, gloo's threads can free tensors after Python is gone: rank 1 then aborted with SIGABRT
+    # after a finished run (CI, stop 20). The strategy registers the destroy at exit in every process.
+    fabric = make_fabric(FabricArgs(accelerator="cpu", devices=2, strategy="ddp_spawn"))
+    assert fabric.launch(_exit_handlers_release_the_group) == [True, False]

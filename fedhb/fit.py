@@ -121,7 +121,10 @@ def natural_key(samples: Samples, dataset: FederatedDataset, partition: Partitio
     return samples.groups[name]
 
 
-def partition_report(samples: Samples, splits: list[ClientSplit], key: str | None) -> dict[str, Any]:
+def partition_report(samples: Samples, splits: list[ClientSplit], key: str | None,
+                     public: np.ndarray | None = None) -> dict[str, Any]:
+    """``partition.json``: each client's split sizes and class counts (and modality counts), as the clients train on
+    them; samples held out for the server (``public``, CreamFL's public data) are listed apart, not as a client's."""
     clients = {}
     for c, s in enumerate(splits):
         clients[str(c)] = {
@@ -133,7 +136,11 @@ def partition_report(samples: Samples, splits: list[ClientSplit], key: str | Non
             clients[str(c)]["modality_counts"] = {
                 name: {m: int(samples.presence(m)[getattr(s, name)].sum()) for m in samples.modalities}
                 for name in ("train", "val", "test")}
-    return {"num_samples": len(samples), "group_by": key, "label_names": samples.label_names, "clients": clients}
+    report = {"num_samples": len(samples), "group_by": key, "label_names": samples.label_names, "clients": clients}
+    if public is not None and len(public):
+        report["public"] = {"train": len(public),
+                            "class_counts": class_counts(samples.labels, public, samples.num_classes)}
+    return report
 
 
 def fit(
@@ -344,7 +351,7 @@ class _Run:
             # On resume, metrics.jsonl is rewritten from the checkpoint's history: rounds logged after it are redone.
             write_atomic(self.out / "metrics.jsonl", "".join(json_line(r) for r in loop.history))
             write_atomic(self.out / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
-            write_json(self.out / "partition.json", partition_report(samples, splits, key))
+            write_json(self.out / "partition.json", partition_report(samples, loop.splits, key, loop.public))
             fabric.print(f"fedhb: {type(self.algorithm).__name__} on {self.data.name}, {len(splits)} clients, "
                          f"{self.federation.rounds} rounds, {trainable:,} trainable parameters per client, "
                          f"world size {fabric.world_size}")
@@ -355,7 +362,7 @@ class _Run:
         self._bytes_down = dict(resumed.get("bytes_down_by_modality", {})) if resumed is not None else {}
         upload_parts = {c: upload_by_modality(layout) for c, layout in loop.upload_layouts.items()}
         if samples.modality == "multimodal":  # the rounds' metrics by modality set use the partition's view
-            loop.modality_sets = {str(c): client_modalities(samples, s) for c, s in enumerate(splits)}
+            loop.modality_sets = {str(c): client_modalities(samples, s) for c, s in enumerate(loop.splits)}
 
         def on_round(result: Any) -> None:
             nonlocal last_save
@@ -412,7 +419,7 @@ class _Run:
         if len(loop.public):  # server-held public data (CreamFL), out of the clients' training splits
             summary["public_samples"] = len(loop.public)
         if samples.modality == "multimodal":
-            summary.update(modality_summary(samples, splits, self.model, summary["final"]))
+            summary.update(modality_summary(samples, loop.splits, self.model, summary["final"]))
         if trained is not self.algorithm:
             from fedhb.privacy.stack import privacy_summary
 

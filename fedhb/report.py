@@ -31,7 +31,7 @@ import yaml
 
 from fedhb.config import is_result_neutral
 from fedhb.io import read_jsonl, write_atomic
-from fedhb.record import Field, columns_of, final_keys, report_columns
+from fedhb.record import PER_CLIENT, Field, columns_of, final_keys, report_columns
 
 #: Written by ``benchmarks/fhbench/grid.py`` when a cell fails; its last line is the error.
 GRID_ERROR = "grid_error.txt"
@@ -355,6 +355,38 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def modality_table(groups: Sequence[Group]) -> list[str]:
+    """Markdown lines of a multimodal dataset's scores by the modalities a client holds (``summary.json``'s
+    ``by_modalities``): one row per group, one column per set of modalities in the order the runs list them; each
+    cell the mean over seeds of the mean per-client score of the clients holding that set, and in brackets of the
+    worst such client's. No lines when no run records scores by modalities."""
+    sets: dict[str, int] = {}
+    for r in (r for g in groups for r in g.runs):
+        for name, entry in (r.summary.get("by_modalities") or {}).items():
+            sets.setdefault(name, len(entry.get("clients", [])))
+    if not sets:
+        return []
+    share = Metric(PER_CLIENT, None, kind="fraction")
+    lines = ["By the modalities a client holds: the mean over seeds of the final per-client score (`client_acc`, the "
+             "task's first per-client metric) averaged over the clients holding each set, the worst such client's in "
+             "brackets; the number of clients of each set in the header.", "",
+             "| run | " + " | ".join(f"{name} ({k})" for name, k in sets.items()) + " |",
+             "|---|" + "---:|" * len(sets)]
+    for g in groups:
+        cells = []
+        for name in sets:
+            entries = [(r.summary.get("by_modalities") or {}).get(name) or {} for r in g.runs]
+            mean, std = _mean_std(np.array([_number(e.get(f"mean_{PER_CLIENT}")) for e in entries]))
+            worst, _ = _mean_std(np.array([_number(e.get(f"worst_{PER_CLIENT}")) for e in entries]))
+            cells.append(_cell(share, mean, std) + ("" if math.isnan(worst) else f" ({_cell(share, worst, math.nan)})"))
+        lines.append(f"| {g.name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
 def markdown(rows: list[dict[str, Any]], groups: list[Group], excluded: list[Run], figures: dict[str, list[Path]],
              out: Path, sources: list[str], metric: str = "personalized_acc",
              columns: Sequence[Metric] = METRICS) -> str:
@@ -377,6 +409,7 @@ def markdown(rows: list[dict[str, Any]], groups: list[Group], excluded: list[Run
             options = row["setting"].replace("|", "/") or "—"
             lines.append(f"| {row['label']} | {options} | {row['runs']} | " + " | ".join(cells) + " |")
         lines.append("")
+        lines += modality_table([g for g in groups if g.dataset == dataset])
         for png in figures.get(dataset, []):
             lines += [f"![{png.stem.replace('_', ' ')}]({png.relative_to(out)})", ""]
         if not figures.get(dataset):

@@ -374,3 +374,35 @@ def test_a_run_of_another_task_is_reported_in_its_own_columns(tmp_path):
     [failed] = result.excluded
     assert failed.reason == "final personalized_dice is not finite (the federation diverged?)"
     assert any("personalized_dice" in p.name for p in result.files)
+
+
+def test_a_multimodal_run_is_reported_by_the_modalities_its_clients_hold(tmp_path):
+    """summary.json's by_modalities becomes a table: per group and set, the mean over seeds of the mean client score
+    of that set's clients, the worst client's in brackets; a group without a set shows a dash."""
+    sets = {0: {"text+tabular": (0.6, 0.5), "tabular": (0.4, 0.3)},
+            1: {"text+tabular": (0.8, 0.7), "tabular": (0.2, 0.1)}}
+    for seed, by in sets.items():
+        folder = tmp_path / "runs" / f"fedavg{seed}"
+        write_run(folder, "padchest", "FedAvg", seed, [0.5, 0.6])
+        summary = json.loads((folder / "summary.json").read_text())
+        summary["by_modalities"] = {name: {"clients": [0, 1] if name == "text+tabular" else [2],
+                                           "mean_client_acc": m, "worst_client_acc": w} for name, (m, w) in by.items()}
+        (folder / "summary.json").write_text(json.dumps(summary))
+    folder = tmp_path / "runs" / "local0"
+    write_run(folder, "padchest", "Local", 0, [0.5, 0.6])
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["by_modalities"] = {"text+tabular": {"clients": [0, 1], "mean_client_acc": 0.9, "worst_client_acc": None}}
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+    write_report([str(tmp_path / "runs")], tmp_path / "report")
+
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| run | text+tabular (2) | tabular (1) |" in text
+    # FedAvg: text+tabular mean (0.6, 0.8) = 70.00 ± 14.14, worst mean 60.00; tabular 30.00 ± 14.14, worst 20.00.
+    assert "| FedAvg | 70.00 ± 14.14 (60.00) | 30.00 ± 14.14 (20.00) |" in text
+    assert "| Local | 90.00 | — |" in text
+
+
+def test_a_unimodal_report_has_no_table_by_modalities(made):
+    report, out = made
+    assert (out / "report.md").is_file() and "By the modalities a client holds" not in (out / "report.md").read_text()

@@ -248,6 +248,7 @@ def test_a_creamfl_federation_with_missing_reports_gives_the_same_numbers_on_1_a
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from test_multimodal_federation import finite, launch, make_run
 
+    from fedhb.data.partition import class_counts
     from fedhb.fit import prepare_partition
 
     one = launch(1, padchest_file, tmp_path / "one", [("CreamFL", "concat")], images=False)["CreamFL-concat"]
@@ -256,8 +257,20 @@ def test_a_creamfl_federation_with_missing_reports_gives_the_same_numbers_on_1_a
     assert [r["round"] for r in one["history"]] == [1, 2] and two["world_size"] == 2
     # 10% of each client's training split is the server's.
     run = make_run(padchest_file, tmp_path / "unused", "CreamFL", 1, images=False)
-    _, splits, _ = prepare_partition(run.data, run.partition, run.seed)
+    samples, splits, _ = prepare_partition(run.data, run.partition, run.seed)
     assert one["public_samples"] == two["public_samples"] == sum(round(0.1 * len(s.train)) for s in splits) > 0
+    # partition.json lists what the clients train on; the server's share is listed apart, and together they are the
+    # partition's training splits.
+    import json
+
+    partition = json.loads((tmp_path / "one" / "CreamFL-concat" / "partition.json").read_text())
+    trains = [partition["clients"][str(c)]["train"] for c in range(len(splits))]
+    assert trains == [len(s.train) - round(0.1 * len(s.train)) for s in splits]
+    assert partition["public"]["train"] == one["public_samples"]
+    counts = np.add.reduce([np.asarray(partition["clients"][str(c)]["class_counts"]["train"])
+                            for c in range(len(splits))]) + np.asarray(partition["public"]["class_counts"])
+    assert counts.tolist() == np.add.reduce([class_counts(samples.labels, s.train, samples.num_classes)
+                                             for s in splits]).tolist()
     for a, b in zip(one["history"], two["history"], strict=True):
         assert a["failures"] == [] and finite(a["client_acc"]) and math.isfinite(a["train_loss"])
         for key in ("personalized_acc", "personalized_f1", "train_loss", "global_acc"):

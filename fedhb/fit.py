@@ -136,7 +136,8 @@ def partition_report(samples: Samples, splits: list[ClientSplit], key: str | Non
             clients[str(c)]["modality_counts"] = {
                 name: {m: int(samples.presence(m)[getattr(s, name)].sum()) for m in samples.modalities}
                 for name in ("train", "val", "test")}
-    report = {"num_samples": len(samples), "group_by": key, "label_names": samples.label_names, "clients": clients}
+    report: dict[str, Any] = {"num_samples": len(samples), "group_by": key, "label_names": samples.label_names,
+                              "clients": clients}
     if public is not None and len(public):
         report["public"] = {"train": len(public),
                             "class_counts": class_counts(samples.labels, public, samples.num_classes)}

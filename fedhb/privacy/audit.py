@@ -70,9 +70,9 @@ def tpr_at_fpr(members: np.ndarray, non_members: np.ndarray, fpr: float = 0.01) 
     return float((members > threshold).mean())
 
 
-def per_example(outputs: Tensor, targets: Tensor, task: Any) -> tuple[Tensor, Tensor]:
-    """Each example's loss and logit-scaled confidence ``phi`` (for multi-label: ``-loss``)."""
-    kind = getattr(task, "kind", None)
+def confidence(outputs: Tensor, targets: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+    """A classifier's per-example loss and LiRA's logit-scaled confidence ``phi = log(p_y / (1 - p_y))`` of the true
+    class (multi-label: ``-loss``), in float64."""
     z = outputs.to(torch.float64)
     if kind in ("multi-class", "binary"):
         y = targets.long()
@@ -80,11 +80,19 @@ def per_example(outputs: Tensor, targets: Tensor, task: Any) -> tuple[Tensor, Te
         true = z.gather(1, y[:, None])[:, 0]
         others = z.scatter(1, y[:, None], -math.inf)
         return loss, true - torch.logsumexp(others, 1)
-    if kind == "multi-label":
-        loss = F.binary_cross_entropy_with_logits(z, targets.to(z.dtype), reduction="none").mean(1)
-        return loss, -loss
-    loss = torch.stack([task.loss(outputs[i:i + 1], targets[i:i + 1]).to(torch.float64) for i in range(len(z))])
+    loss = F.binary_cross_entropy_with_logits(z, targets.to(z.dtype), reduction="none").mean(1)
     return loss, -loss
+
+
+def per_example(outputs: Tensor, targets: Tensor, task: Any) -> tuple[Tensor, Tensor]:
+    """Each example's loss and confidence ``phi``: a classifier's (anything with a classification ``kind``) by
+    :func:`confidence`, any other task's by its :meth:`~fedhb.tasks.base.Task.member_scores` (segmentation: the
+    case's Dice; retrieval: the similarity of the sample's own modalities; open VQA: the answer's token F1)."""
+    kind = getattr(task, "kind", None)
+    if kind in ("multi-class", "binary", "multi-label"):
+        return confidence(outputs, targets, kind)
+    loss, phi = task.member_scores(outputs, targets)
+    return loss.to(torch.float64), phi.to(torch.float64)
 
 
 def _pick(index: np.ndarray, n: int, seed: int, *key: int) -> np.ndarray:
@@ -109,6 +117,9 @@ def audit_client(loop: FederatedLoop, client: int, initial: State, args: AuditAr
     loop.load(loop.algorithm.personalized_model(loop.states[client]))
     out, y = loop.predict(targets)
     loss, phi = per_example(out, y, loop.task)
+    # Examples the task cannot score (a retrieval sample missing a modality) are left out on both sides.
+    scored = torch.isfinite(loss) & torch.isfinite(phi)
+    is_member, loss, phi = is_member[scored.numpy()], loss[scored], phi[scored]
     loss_score = (-loss).numpy()
     row = [auc(loss_score[is_member], loss_score[~is_member]), tpr_at_fpr(loss_score[is_member],
                                                                          loss_score[~is_member])]
@@ -126,12 +137,12 @@ def audit_client(loop: FederatedLoop, client: int, initial: State, args: AuditAr
         if len(half):
             trainer.fit()
         ref_out, ref_y = loop.predict(targets)
-        reference.append(per_example(ref_out, ref_y, loop.task)[1])
+        reference.append(per_example(ref_out, ref_y, loop.task)[1][scored])
     ref = torch.stack(reference)
     spread = float((ref - ref.mean(0)).std()) if len(reference) > 1 else float(ref.std())
     lira = ((phi - ref.mean(0)) / max(spread, 1e-12)).numpy()
     row += [auc(lira[is_member], lira[~is_member]), tpr_at_fpr(lira[is_member], lira[~is_member])]
-    return row + [float(len(members)), float(len(non_members))]
+    return row + [float(is_member.sum()), float((~is_member).sum())]
 
 
 def audit_federation(loop: FederatedLoop, initial: State, args: AuditArgs, seed: int) -> dict[str, Any]:

@@ -74,6 +74,18 @@ class Task:
         """One client's score vector from the head's outputs on a split."""
         raise NotImplementedError
 
+    def member_scores(self, output: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """What the membership-inference audit (:mod:`fedhb.privacy.audit`) attacks, per example of an evaluation
+        pass: its loss and a confidence that is higher the more the model fits it (float64, ``(n,)`` each; NaN for an
+        example that cannot be scored, which the audit leaves out). Default: the task loss of each example alone and
+        its negative; tasks whose loss needs a batch (contrastive) or whose evaluation output is not the head's
+        (segmentation's per-case statistics) override it."""
+        import torch
+
+        loss = torch.stack([self.loss(output[i:i + 1], targets[i:i + 1]).to(torch.float64)
+                            for i in range(len(output))]) if len(output) else torch.zeros(0, dtype=torch.float64)
+        return loss, -loss
+
     def empty_score(self) -> Tensor:
         """The score vector of a client with nothing to score (NaN scores, 0 samples)."""
         import torch

@@ -56,6 +56,13 @@ class Classification(Task):
             return F.binary_cross_entropy_with_logits(output, targets.float())
         return F.cross_entropy(output, targets)
 
+    def member_scores(self, output: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-entropy and LiRA's logit-scaled confidence of the true class (:func:`~fedhb.privacy.audit.confidence`;
+        multi-label: the loss and its negative)."""
+        from fedhb.privacy.audit import confidence
+
+        return confidence(output, targets, self.kind)
+
     def score(self, output: Tensor, targets: Tensor) -> Tensor:
         from fedhb.metrics import score_logits
 

@@ -325,6 +325,29 @@ class Retrieval(Task):
                 total = total + clip_loss(emb[x][rows], emb[y][rows], scale)
         return total
 
+    def member_scores(self, output: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Each sample's own score in the headline direction as the confidence (with two modalities the inner
+        product of its two embeddings; with three the score of its target against the other two, MIP under
+        ``symile``), its negative as the loss: a contrastive model aligns the pairs it trained on more closely, the
+        signal of Ko et al.'s similarity attack on CLIP (arXiv 2310.00108). A loss of one sample alone has no
+        negatives, so it cannot serve. NaN for a sample missing one of the direction's modalities."""
+        import torch
+
+        emb, present, _ = self.unpack(output.to(torch.float64))
+        queries, candidate = self.directions[0]
+        if len(queries) == 1 or self.objective == "clip":
+            own = sum((emb[q] * emb[candidate]).sum(1) for q in queries)
+        else:
+            product = emb[candidate]
+            for q in queries:
+                product = product * emb[q]
+            own = product.sum(1)
+        usable = present[candidate].clone()
+        for q in queries:
+            usable &= present[q]
+        own = torch.where(usable, torch.as_tensor(own), torch.full_like(usable, math.nan, dtype=torch.float64))
+        return -own, own
+
     # -- scoring --------------------------------------------------------------------------------------------------
     def _metrics(self, output: Tensor, rows: np.ndarray) -> list[float]:
         emb, present, _ = self.unpack(output.float())

@@ -242,6 +242,14 @@ class Segmentation(Task):
         return torch.cat([dice.mean()[None], dice, hd95.mean()[None], hd95,
                           torch.tensor([float(len(output))], dtype=torch.float64)])
 
+    def member_scores(self, output: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Each case's mean Dice over the three regions as the confidence and one minus it as the loss (a model
+        segments the cases it trained on better): the evaluation output is a per-case statistics row, not logits."""
+        import torch
+
+        dice = output.to(torch.float64)[:, 0:3].mean(1)
+        return 1.0 - dice, dice
+
     def reduce(self, scores: dict[int, Tensor]) -> dict[str, Any]:
         import numpy as np
 

@@ -180,18 +180,29 @@ class VQA(Task):
         return batch["answer_ids"] if self.generative else batch["labels"]
 
     def loss(self, output: Tensor, targets: Tensor) -> Tensor:
-        import torch
         import torch.nn.functional as F
 
         if not self.generative:
             return F.cross_entropy(output, targets)
-        if output.dim() == 2:  # generated answers (a privacy audit scoring predictions): 1 - token F1
-            return torch.tensor(1.0 - self._pair_scores(output, targets)[1].mean(), dtype=torch.float32)
         labels = targets[:, 1:1 + output.shape[1]].long()
         pad = self._decoder.pad if self._decoder is not None else 0
         labels = labels.masked_fill(labels == pad, -100)
         return F.cross_entropy(output.reshape(-1, output.shape[-1]).float(), labels.reshape(-1), ignore_index=-100,
                                label_smoothing=LABEL_SMOOTHING)
+
+    def member_scores(self, output: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Yes/no: a classifier's (:func:`fedhb.privacy.audit.confidence`). Open answers: the generated answer's
+        token F1 against the reference as the confidence, one minus it as the loss."""
+        import torch
+
+        if not self.generative:
+            from fedhb.privacy.audit import confidence
+
+            return confidence(output, targets, "multi-class")
+        if len(output) == 0:
+            return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+        f1 = torch.as_tensor(self._pair_scores(output, targets)[1], dtype=torch.float64)
+        return 1.0 - f1, f1
 
     # -- scores --------------------------------------------------------------------------------------------------
     def texts(self, ids: Tensor) -> list[str]:

@@ -315,13 +315,23 @@ def _clients(ids: list[int], total: int, limit: int = 8) -> str:
     return f"client{'s' if len(ids) > 1 else ''} {shown} of {total}"
 
 
+def labels_are_targets(samples: Samples) -> bool:
+    """Whether the samples' labels are what the model predicts (classification, yes/no VQA) rather than only what
+    partitions stratify on (segmentation, retrieval, open-answer VQA)."""
+    if samples.task == "vqa":
+        return samples.meta.get("vqa_mode") == "classify"
+    return samples.task in ("multi-class", "multi-label", "binary")
+
+
 def unlearnable_clients(samples: Samples, splits: list[ClientSplit],
                         fractions: tuple[float, float, float] = (0.4, 0.3, 0.3)) -> str | None:
     """What is wrong with a partition, in one line, or ``None``.
 
     Two things are reported: clients whose test split holds classes absent from their training split (their own
     model cannot have learned those samples), and splits left empty although their fraction (``--partition.split``)
-    is above zero (a validation split of 0 is a choice; an empty one at 0.3 means too few samples or groups).
+    is above zero (a validation split of 0 is a choice; an empty one at 0.3 means too few samples or groups). The
+    first only where the labels are what the model predicts: a segmentation set's tumour-volume bins, a retrieval
+    set's strata or an open VQA set's answer types are only what the partition stratifies on.
     """
     names = samples.label_names or [f"class {c}" for c in range(samples.num_classes)]
     unseen: dict[int, list[str]] = {}
@@ -330,7 +340,7 @@ def unlearnable_clients(samples: Samples, splits: list[ClientSplit],
         train = class_counts(samples.labels, s.train, samples.num_classes)
         test = class_counts(samples.labels, s.test, samples.num_classes)
         missing = [names[c] for c in range(samples.num_classes) if test[c] > 0 and train[c] == 0]
-        if missing:
+        if missing and labels_are_targets(samples):
             unseen[k] = missing
         for name, fraction in zip(("train", "val", "test"), fractions):
             if fraction > 0 and len(getattr(s, name)) == 0:

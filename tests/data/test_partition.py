@@ -153,6 +153,26 @@ def test_clients_tested_on_classes_they_never_train_on_are_named_in_one_warning(
     assert "client 2" not in message and "--partition.alpha" in message
 
 
+@pytest.mark.parametrize(("task", "meta", "warns"), [("segmentation", {}, False), ("retrieval", {}, False),
+                                                     ("vqa", {"vqa_mode": "generate"}, False),
+                                                     ("vqa", {"vqa_mode": "classify"}, True), ("binary", {}, True)])
+def test_classes_absent_from_training_are_named_only_where_the_labels_are_predicted(task, meta, warns):
+    # BraTS stratifies on tumour-volume bins, which no model predicts: a bin missing from a client's training split
+    # is no reason to warn. Its split of _LABELS is the one above, where clients 0 and 1 miss a class.
+    from fedhb.data.base import Samples
+    from fedhb.data.partition import PartitionWarning, partition_samples
+
+    samples = Samples(inputs=np.zeros((len(_LABELS), 1)), labels=np.asarray(_LABELS), num_classes=4, task=task,
+                      modality="image", meta=meta)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always", PartitionWarning)
+        splits = partition_samples(samples, "dirichlet", 3, 0.5, 2, (0.4, 0.3, 0.3), 7)
+
+    assert [[s.train.tolist(), s.val.tolist(), s.test.tolist()] for s in splits] == _DIRICHLET
+    messages = [str(w.message) for w in record if issubclass(w.category, PartitionWarning)]
+    assert any("absent from the training split" in m for m in messages) == warns
+
+
 def test_an_empty_validation_split_is_named_unless_it_was_asked_for():
     from fedhb.data.partition import PartitionWarning, partition_samples
 

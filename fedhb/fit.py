@@ -337,6 +337,10 @@ class _Run:
         initial = {k: v.detach().cpu().clone() for k, v in loop.client_module.get_state().items()}
         trainable = sum(v.numel() for v in loop.client_module.trainable().values())
         resumed = self.restore(fabric, loop, splits)
+        # The partition as the clients hold it: without the samples the server took as public data (CreamFL). Not
+        # loop.splits, where a method that pools the training data (Centralized) has moved it all to client 0.
+        held = [ClientSplit(np.setdiff1d(s.train, loop.public), s.val, s.test) for s in splits] if len(loop.public) \
+            else splits
         if resumed is not None and loop.round >= self.federation.rounds and (self.out / "summary.json").is_file():
             fabric.print(f"fedhb: the run in {self.out} already finished all {self.federation.rounds} rounds; "
                          "nothing to do")
@@ -352,7 +356,7 @@ class _Run:
             # On resume, metrics.jsonl is rewritten from the checkpoint's history: rounds logged after it are redone.
             write_atomic(self.out / "metrics.jsonl", "".join(json_line(r) for r in loop.history))
             write_atomic(self.out / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
-            write_json(self.out / "partition.json", partition_report(samples, loop.splits, key, loop.public))
+            write_json(self.out / "partition.json", partition_report(samples, held, key, loop.public))
             fabric.print(f"fedhb: {type(self.algorithm).__name__} on {self.data.name}, {len(splits)} clients, "
                          f"{self.federation.rounds} rounds, {trainable:,} trainable parameters per client, "
                          f"world size {fabric.world_size}")
@@ -363,7 +367,7 @@ class _Run:
         self._bytes_down = dict(resumed.get("bytes_down_by_modality", {})) if resumed is not None else {}
         upload_parts = {c: upload_by_modality(layout) for c, layout in loop.upload_layouts.items()}
         if samples.modality == "multimodal":  # the rounds' metrics by modality set use the partition's view
-            loop.modality_sets = {str(c): client_modalities(samples, s) for c, s in enumerate(loop.splits)}
+            loop.modality_sets = {str(c): client_modalities(samples, s) for c, s in enumerate(held)}
 
         def on_round(result: Any) -> None:
             nonlocal last_save
@@ -420,7 +424,7 @@ class _Run:
         if len(loop.public):  # server-held public data (CreamFL), out of the clients' training splits
             summary["public_samples"] = len(loop.public)
         if samples.modality == "multimodal":
-            summary.update(modality_summary(samples, loop.splits, self.model, summary["final"]))
+            summary.update(modality_summary(samples, held, self.model, summary["final"]))
         if trained is not self.algorithm:
             from fedhb.privacy.stack import privacy_summary
 

@@ -85,13 +85,12 @@ def confidence(outputs: Tensor, targets: Tensor, kind: str) -> tuple[Tensor, Ten
 
 
 def per_example(outputs: Tensor, targets: Tensor, task: Any) -> tuple[Tensor, Tensor]:
-    """Each example's loss and confidence ``phi``: a classifier's (anything with a classification ``kind``) by
-    :func:`confidence`, any other task's by its :meth:`~fedhb.tasks.base.Task.member_scores` (segmentation: the
-    case's Dice; retrieval: the similarity of the sample's own modalities; open VQA: the answer's token F1)."""
-    kind = getattr(task, "kind", None)
-    if kind in ("multi-class", "binary", "multi-label"):
-        return confidence(outputs, targets, kind)
-    loss, phi = task.member_scores(outputs, targets)
+    """Each example's loss and confidence ``phi``, as the task's :meth:`~fedhb.tasks.base.Task.member_scores` gives
+    them (a classifier's by :func:`confidence`; segmentation: the case's Dice; retrieval: the similarity of the
+    sample's own modalities; open VQA: the answer's token F1), or by :func:`confidence` for anything else with a
+    classification ``kind``."""
+    scores = getattr(task, "member_scores", None)
+    loss, phi = scores(outputs, targets) if scores is not None else confidence(outputs, targets, task.kind)
     return loss.to(torch.float64), phi.to(torch.float64)
 
 

@@ -269,6 +269,12 @@ class _Run:
     secure_aggregation: SecureAggregationArgs = dataclasses.field(default_factory=SecureAggregationArgs)
     audit: AuditArgs = dataclasses.field(default_factory=AuditArgs)
 
+    @classmethod
+    def of(cls, *, out_dir: str, fabric: FabricArgs, **options: Any) -> _Run:
+        """The run :func:`fit` builds from these options (its keyword names), without fit's checks of the output
+        folder and the options: what tests and benchmarks launch on a Fabric of their own."""
+        return cls(config=resolved_config(out_dir=out_dir, fabric=fabric, **options), out=Path(out_dir),
+                   fabric_args=fabric, **options)
     def restore(self, fabric: Any, loop: Any, splits: list[ClientSplit]) -> dict[str, Any] | None:
         """Load the checkpoint named by ``--resume`` into ``loop``; ``None`` when there is nothing to resume."""
         if self.resume is None:

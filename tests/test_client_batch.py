@@ -297,7 +297,7 @@ def _fit(fabric: Any, root: str, out: str, client_batch: int) -> dict[str, Any]:
 
     from fedhb.config import CheckpointArgs
     from fedhb.data import MedMNIST
-    from fedhb.fit import _Run, resolved_config
+    from fedhb.fit import _Run
 
     args = dict(
         data=MedMNIST(root=root, fraction=0.3), algorithm=FedProx(mu=0.1), out_dir=out, seed=3,
@@ -308,9 +308,7 @@ def _fit(fabric: Any, root: str, out: str, client_batch: int) -> dict[str, Any]:
                           strategy="ddp_spawn" if fabric.world_size > 1 else "auto"),
         checkpoint=CheckpointArgs(),
     )
-    run = _Run(config=resolved_config(**args), data=args["data"], algorithm=args["algorithm"], out=Path(out),
-               seed=args["seed"], partition=args["partition"], model=args["model"], federation=args["federation"],
-               optim=args["optim"], fabric_args=args["fabric"], checkpoint=args["checkpoint"])
+    run = _Run.of(**args)
     real = fedhb.batched.ClientBatcher._train_together
     groups: list[int] = []
 

@@ -23,7 +23,7 @@ from fedhb.algorithms import EPFL, FedAvg
 from fedhb.client import ClientModule
 from fedhb.config import CheckpointArgs, FabricArgs, FederationArgs, ModelArgs, OptimArgs, PartitionArgs
 from fedhb.data import MedMNIST
-from fedhb.fit import _Run, resolved_config
+from fedhb.fit import _Run
 from fedhb.loop import FederatedLoop, assign_clients, host_copy
 from fedhb.metrics import ClientScores
 from fedhb.strategy import make_fabric
@@ -86,9 +86,7 @@ def make_run(root: str, out: Path, algorithm: str, world: int) -> _Run:
         fabric=FabricArgs(accelerator="cpu", devices=world, strategy="ddp_spawn" if world > 1 else "auto"),
         checkpoint=CheckpointArgs(),
     )
-    return _Run(config=resolved_config(**args), data=args["data"], algorithm=args["algorithm"], out=out,
-                seed=args["seed"], partition=args["partition"], model=args["model"], federation=args["federation"],
-                optim=args["optim"], fabric_args=args["fabric"], checkpoint=args["checkpoint"])
+    return _Run.of(**args)
 
 
 def reversed_round_robin(sizes: list[int], world: int) -> list[int]:

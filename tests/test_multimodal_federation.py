@@ -20,7 +20,7 @@ from fedhb import seeds
 from fedhb.algorithms import Algorithm
 from fedhb.config import CheckpointArgs, FabricArgs, FederationArgs, ModelArgs, OptimArgs, PartitionArgs
 from fedhb.data import PadChest
-from fedhb.fit import _Run, resolved_config
+from fedhb.fit import _Run
 from fedhb.models.lora import encoder_of, is_lora
 
 BACKBONES = {"image": "tiny-vit", "text": "tiny-bert", "tabular": "tiny-mlp"}
@@ -45,9 +45,7 @@ def make_run(path: str, out: Path, algorithm: str, world: int, fusion: str = "co
         fabric=FabricArgs(accelerator="cpu", devices=world, strategy="ddp_spawn" if world > 1 else "auto"),
         checkpoint=CheckpointArgs(minutes=0),
     )
-    return _Run(config=resolved_config(**args), data=args["data"], algorithm=args["algorithm"], out=out,
-                seed=args["seed"], partition=args["partition"], model=args["model"], federation=args["federation"],
-                optim=args["optim"], fabric_args=args["fabric"], checkpoint=args["checkpoint"])
+    return _Run.of(**args)
 
 
 def federations(fabric: Any, path: str, out: str, plan: list[tuple[str, str]], images: bool = True,

@@ -44,7 +44,7 @@ from fedhb.algorithms import (
 from fedhb.cli import main
 from fedhb.config import CheckpointArgs, FabricArgs, FederationArgs, ModelArgs, OptimArgs, PartitionArgs
 from fedhb.data import MedMNIST
-from fedhb.fit import _Run, resolved_config
+from fedhb.fit import _Run
 from fedhb.strategy import make_fabric
 
 NAMES = sorted(n for n in algorithms.__all__ if n not in ("Algorithm", "LocalTrainer"))
@@ -110,10 +110,7 @@ def _runs(root: str, out: Path, world: int) -> list[_Run]:
             fabric=FabricArgs(accelerator="cpu", devices=world, strategy="ddp_spawn" if world > 1 else "auto"),
             checkpoint=CheckpointArgs(),
         )
-        runs.append(_Run(config=resolved_config(**args), data=args["data"], algorithm=algorithm,
-                         out=Path(args["out_dir"]), seed=args["seed"], partition=args["partition"],
-                         model=args["model"], federation=args["federation"], optim=args["optim"],
-                         fabric_args=args["fabric"], checkpoint=args["checkpoint"]))
+        runs.append(_Run.of(**args))
     return runs
 
 

@@ -236,7 +236,7 @@ def make_run(root: str, out: Path, algorithm: str, world: int) -> Any:
     import fedhb.algorithms as algorithms
     from fedhb.config import CheckpointArgs, FabricArgs, FederationArgs, ModelArgs, OptimArgs, PartitionArgs
     from fedhb.data import SymileMIMIC
-    from fedhb.fit import _Run, resolved_config
+    from fedhb.fit import _Run
 
     args = dict(
         data=SymileMIMIC(root=root, image_size=16, candidates=4), algorithm=getattr(algorithms, algorithm)(),
@@ -250,9 +250,7 @@ def make_run(root: str, out: Path, algorithm: str, world: int) -> Any:
         fabric=FabricArgs(accelerator="cpu", devices=world, strategy="ddp_spawn" if world > 1 else "auto"),
         checkpoint=CheckpointArgs(minutes=0),
     )
-    return _Run(config=resolved_config(**args), data=args["data"], algorithm=args["algorithm"], out=out,
-                seed=args["seed"], partition=args["partition"], model=args["model"], federation=args["federation"],
-                optim=args["optim"], fabric_args=args["fabric"], checkpoint=args["checkpoint"])
+    return _Run.of(**args)
 
 
 def federations(fabric: Any, root: str, out: str, plan: list[str]) -> dict[str, Any] | None:

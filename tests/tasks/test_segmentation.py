@@ -163,7 +163,7 @@ PLAN = [("FedAvg", "tiny-segresnet", None), ("FedAvg", "tiny-swinunetr-lora", "t
 def make_run(root: str, out: Path, algorithm: str, backbone: str, missing: str | None, world: int) -> Any:
     import fedhb.algorithms as algorithms
     from fedhb.data import BraTS
-    from fedhb.fit import _Run, resolved_config
+    from fedhb.fit import _Run
 
     args = dict(
         data=BraTS(root=root, size=32, patch=32, volume_bins=1, cache=str(out / "cache")),
@@ -175,9 +175,7 @@ def make_run(root: str, out: Path, algorithm: str, backbone: str, missing: str |
         fabric=FabricArgs(accelerator="cpu", devices=world, strategy="ddp_spawn" if world > 1 else "auto"),
         checkpoint=CheckpointArgs(minutes=0),
     )
-    return _Run(config=resolved_config(**args), data=args["data"], algorithm=args["algorithm"], out=out,
-                seed=args["seed"], partition=args["partition"], model=args["model"], federation=args["federation"],
-                optim=args["optim"], fabric_args=args["fabric"], checkpoint=args["checkpoint"])
+    return _Run.of(**args)
 
 
 def federations(fabric: Any, root: str, out: str) -> dict[str, Any] | None:

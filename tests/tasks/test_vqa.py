@@ -117,7 +117,7 @@ def test_the_answer_decoder_is_the_head_trained_teacher_forced_and_generates_fix
 def _run(data: Any, out: Path, world: int, algorithm: str) -> Any:
     from fedhb.algorithms import EPFL, FedAvg
     from fedhb.config import CheckpointArgs, FabricArgs, FederationArgs, LoRAArgs, ModelArgs, OptimArgs, PartitionArgs
-    from fedhb.fit import _Run, resolved_config
+    from fedhb.fit import _Run
 
     args = dict(
         data=data, algorithm=FedAvg() if algorithm == "fedavg" else EPFL(lam=0.5), out_dir=str(out), seed=3,
@@ -129,9 +129,7 @@ def _run(data: Any, out: Path, world: int, algorithm: str) -> Any:
         fabric=FabricArgs(accelerator="cpu", devices=world, strategy="ddp_spawn" if world > 1 else "auto"),
         checkpoint=CheckpointArgs(),
     )
-    return _Run(config=resolved_config(**args), data=args["data"], algorithm=args["algorithm"], out=out,
-                seed=args["seed"], partition=args["partition"], model=args["model"], federation=args["federation"],
-                optim=args["optim"], fabric_args=args["fabric"], checkpoint=args["checkpoint"])
+    return _Run.of(**args)
 
 
 def _federations(fabric: Any, plan: list[tuple[str, Any, str]], out: str) -> dict[str, Any] | None:
